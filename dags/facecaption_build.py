@@ -1,0 +1,80 @@
+"""Build DAG: plan the source, then one mapped task group per shard (fetch for now), then a
+summary. All logic lives in the `facecaption` package; this file only wires it up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, task, task_group
+from facecaption_operators import ShardStageOperator
+
+
+@dag(
+    dag_id="facecaption_build",
+    description="Turn image URL lists into fetched shards (then faces, attributes, captions).",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["facecaption"],
+    params={
+        "source": Param(
+            None,
+            type=["null", "string", "array"],
+            title="Source parquet",
+            description="Parquet file(s), folder or glob (any fsspec URL) with a url column."
+            " Planned first; leave empty to work on shards already registered.",
+        ),
+        "shard_ids": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title="Shards",
+            description="Only these shard ids (see `facecaption status`). Empty: all shards of"
+            " the source, or all registered shards when no source is given.",
+        ),
+        "force": Param(
+            False,
+            type="boolean",
+            title="Force",
+            description="Re-run shards whose stages are already done with the same inputs.",
+        ),
+    },
+)
+def facecaption_build() -> None:
+    @task
+    def plan(**context: Any) -> list[str]:
+        from facecaption.pipeline import Pipeline
+
+        params = context["params"]
+        source = params["source"]
+        sources = [source] if isinstance(source, str) else list(source or [])
+        with Pipeline.open() as pipeline:
+            return pipeline.select_shards(sources, params["shard_ids"])
+
+    @task_group
+    def process_shard(shard_id: str) -> None:
+        ShardStageOperator(
+            task_id="fetch",
+            stage="fetch",
+            shard_id=shard_id,
+            force="{{ params.force }}",
+            map_index_template="{{ task.shard_id }}",
+        )
+
+    @task(trigger_rule="all_done")
+    def summary(shard_ids: list[str]) -> dict[str, Any]:
+        from facecaption.pipeline import Pipeline, status_totals
+        from facecaption.report import format_status
+
+        with Pipeline.open() as pipeline:
+            rows = pipeline.status(shard_ids)
+        print(format_status(rows))
+        return status_totals(rows)
+
+    shard_ids = plan()
+    process_shard.expand(shard_id=shard_ids) >> summary(shard_ids)
+
+
+facecaption_build()

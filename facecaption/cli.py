@@ -1,0 +1,155 @@
+"""The `facecaption` command: db, plan, run, status, config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from facecaption.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (LookupError, ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"facecaption: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facecaption", description="Build face image-text datasets from image URL lists."
+    )
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    db = commands.add_parser("db", help="state DB: migrations and the embedded server")
+    db_commands = db.add_subparsers(metavar="ACTION", required=True)
+    db_commands.add_parser("upgrade", help="apply pending migrations (idempotent)").set_defaults(
+        handler=_db_upgrade
+    )
+    db_commands.add_parser("version", help="print the applied schema version").set_defaults(
+        handler=_db_version
+    )
+    db_commands.add_parser(
+        "stop-embedded", help="stop the embedded Postgres under the home dir"
+    ).set_defaults(handler=_db_stop)
+
+    plan = commands.add_parser("plan", help="cut source parquet files into registered shards")
+    plan.add_argument("sources", nargs="+", help="parquet files, folders or globs (fsspec URLs)")
+    plan.set_defaults(handler=_plan)
+
+    run = commands.add_parser("run", help="run stages on shards in this process (no Airflow)")
+    run.add_argument("--source", action="append", default=[], help="plan and run this source")
+    run.add_argument("--shard", action="append", default=[], help="run only this shard id")
+    run.add_argument("--stage", action="append", default=[], help="stages to run (default all)")
+    run.add_argument("--force", action="store_true", help="re-run shards that are done")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="shards x stages table with counts")
+    status.add_argument("--shard", action="append", default=None, help="only these shards")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    config = commands.add_parser("config", help="print the effective settings")
+    config.set_defaults(handler=_config)
+
+    demo = commands.add_parser(
+        "demo", help="build a sample source, serve it on loopback, run the build DAG in Airflow"
+    )
+    demo.add_argument("--shard-size", type=int, default=8, help="rows per demo shard")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from facecaption.state.db import create_state_engine, current_version, upgrade
+
+    engine = create_state_engine(Settings())
+    applied = upgrade(engine)
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    print(f"schema version {current_version(engine)}")
+    return 0
+
+
+def _db_version(args: argparse.Namespace) -> int:
+    from facecaption.state.db import create_state_engine, current_version
+
+    print(current_version(create_state_engine(Settings())))
+    return 0
+
+
+def _db_stop(args: argparse.Namespace) -> int:
+    from facecaption.state.db import stop_embedded_postgres
+
+    stopped = stop_embedded_postgres(Settings().home_dir)
+    print("stopped" if stopped else "not running")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from facecaption.pipeline import Pipeline
+
+    with Pipeline.open() as pipeline:
+        report = pipeline.plan(args.sources)
+    for source in report.sources:
+        print(
+            f"{source.uri}: {source.num_rows} rows, {len(source.shard_ids)} shards"
+            f" ({source.new_shards} new), source {source.source_id[:12]}"
+        )
+    for error in report.errors.values():
+        print(f"facecaption: error: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from facecaption.pipeline import Pipeline
+
+    with Pipeline.open() as pipeline:
+        stages = args.stage or pipeline.stage_names
+        shard_ids = pipeline.select_shards(args.source, args.shard)
+        failures = 0
+        for shard_id in shard_ids:
+            for stage in stages:
+                try:
+                    outcome = pipeline.run(stage, shard_id, force=args.force)
+                except Exception as error:  # the state DB has it; report and go on
+                    print(f"{shard_id} {stage}: failed: {error}", file=sys.stderr)
+                    failures += 1
+                    break
+                print(f"{shard_id} {stage}: {outcome.status} {json.dumps(outcome.counts)}")
+    return 1 if failures else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from facecaption.pipeline import Pipeline
+    from facecaption.report import format_status, status_json
+
+    with Pipeline.open() as pipeline:
+        rows = pipeline.status(args.shard)
+    print(json.dumps(status_json(rows), indent=2) if args.json else format_status(rows))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(json.dumps(Settings().model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from facecaption.demo import run_demo
+
+    return run_demo(Settings(), shard_size=args.shard_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The pipeline as one object over settings, state DB and artifact store.
+
+This is the entry point the CLI, the Airflow tasks and the tests share: plan sources, choose
+shards, run a stage on a shard, and report shard x stage status.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from facecaption.runner import StageOutcome, run_stage
+from facecaption.settings import Settings
+from facecaption.stages import stage_registry
+from facecaption.stages.plan import PlanReport, plan_sources
+from facecaption.state import ShardState, StageState, UnknownShardError, open_state
+from facecaption.store import ArtifactStore
+
+
+class PlanError(ValueError):
+    """One or more sources could not be planned."""
+
+
+@dataclass(frozen=True)
+class ShardStatusRow:
+    shard_id: str
+    source: str
+    rows: int
+    stages: dict[str, StageState]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, state: ShardState, store: ArtifactStore) -> None:
+        self.settings = settings
+        self.state = state
+        self.store = store
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Pipeline:
+        settings = settings or Settings()
+        store = ArtifactStore(settings.artifact_root, scratch_dir=settings.home_dir / "tmp")
+        return cls(settings, open_state(settings), store)
+
+    def close(self) -> None:
+        self.state.engine.dispose()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(stage_registry())
+
+    def plan(self, sources: list[str]) -> PlanReport:
+        return plan_sources(sources, self.settings, self.state)
+
+    def select_shards(
+        self, sources: list[str] | None = None, shard_ids: list[str] | None = None
+    ) -> list[str]:
+        """Explicit shard ids (checked to exist), else the shards of `sources` (planned now),
+        else every registered shard."""
+        if shard_ids:
+            for shard_id in shard_ids:
+                self.state.get_shard(shard_id)
+            return list(dict.fromkeys(shard_ids))
+        if sources:
+            report = self.plan(sources)
+            if report.errors:
+                raise PlanError(
+                    "; ".join(f"{uri}: {error}" for uri, error in report.errors.items())
+                )
+            return report.shard_ids
+        return [shard.shard_id for shard in self.state.list_shards()]
+
+    def run(self, stage: str, shard_id: str, *, force: bool = False) -> StageOutcome:
+        return run_stage(stage, shard_id, self.settings, self.state, self.store, force=force)
+
+    def status(self, shard_ids: list[str] | None = None) -> list[ShardStatusRow]:
+        shards = self.state.list_shards()
+        if shard_ids is not None:
+            wanted = set(shard_ids)
+            missing = wanted - {shard.shard_id for shard in shards}
+            if missing:
+                raise UnknownShardError(f"unknown shards: {sorted(missing)}")
+            shards = [shard for shard in shards if shard.shard_id in wanted]
+        by_key = {(s.shard_id, s.stage): s for s in self.state.stage_table(shard_ids)}
+        return [
+            ShardStatusRow(
+                shard.shard_id,
+                shard.source_uri.rsplit("/", 1)[-1],
+                shard.num_rows,
+                {
+                    stage: by_key.get(
+                        (shard.shard_id, stage), StageState(shard.shard_id, stage, "pending")
+                    )
+                    for stage in self.stage_names
+                },
+            )
+            for shard in shards
+        ]
+
+
+def status_totals(rows: list[ShardStatusRow]) -> dict[str, dict[str, Any]]:
+    """Per stage: shards by status and the sum of each count."""
+    totals: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for stage, state in row.stages.items():
+            entry = totals.setdefault(stage, {"shards": Counter(), "counts": Counter()})
+            entry["shards"][state.status] += 1
+            for name, value in state.counts.items():
+                if isinstance(value, int):
+                    entry["counts"][name] += value
+    return {
+        stage: {"shards": dict(entry["shards"]), "counts": dict(entry["counts"])}
+        for stage, entry in totals.items()
+    }

@@ -1,0 +1,69 @@
+"""Human and machine-readable views of shard state: the `status` table and its JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from facecaption.pipeline import ShardStatusRow, status_totals
+
+# Counts shown in the table, per stage; the JSON view has them all.
+_HEADLINE = {"fetch": ("ok", "rows")}
+
+
+def _cell(stage: str, status: str, counts: dict[str, Any]) -> str:
+    kept, total = _HEADLINE.get(stage, (None, None))
+    if status == "done" and kept and total in counts:
+        return f"done {counts.get(kept, 0)}/{counts[total]}"
+    return status
+
+
+def format_status(rows: list[ShardStatusRow]) -> str:
+    if not rows:
+        return "no shards registered: run `facecaption plan SOURCE`"
+    stages = list(rows[0].stages)
+    header = ["shard", "source", "rows", *stages]
+    table = [
+        [
+            row.shard_id,
+            row.source,
+            str(row.rows),
+            *(_cell(stage, state.status, state.counts) for stage, state in row.stages.items()),
+        ]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        for line in [header, *table]
+    ]
+    for stage, total in status_totals(rows).items():
+        shards = ", ".join(f"{n} {status}" for status, n in sorted(total["shards"].items()))
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(total["counts"].items()))
+        lines.append(f"{stage}: {shards}" + (f"; {counts}" if counts else ""))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def status_json(rows: list[ShardStatusRow]) -> dict[str, Any]:
+    return {
+        "totals": status_totals(rows),
+        "shards": [
+            {
+                "shard_id": row.shard_id,
+                "source": row.source,
+                "rows": row.rows,
+                "stages": {
+                    name: {
+                        "status": state.status,
+                        "attempt": state.attempt,
+                        "worker": state.worker,
+                        "counts": state.counts,
+                        "artifacts": state.artifacts,
+                        "last_error": state.last_error,
+                        "fingerprint": state.fingerprint,
+                    }
+                    for name, state in row.stages.items()
+                },
+            }
+            for row in rows
+        ],
+    }

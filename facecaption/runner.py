@@ -1,0 +1,95 @@
+"""Running one stage on one shard with its state kept in Postgres.
+
+The order of events is what makes runs safe to kill and repeat:
+1. take the (shard, stage) lock, or fail fast with ShardBusyError;
+2. compute the fingerprint (stage version + inputs + output-affecting settings); if the stage
+   is `done` with the same fingerprint and its artifacts exist, do nothing (unless forced);
+3. mark a new attempt `running`, remove temporary files a killed attempt left behind;
+4. run the stage, which publishes its artifacts atomically;
+5. only then mark the attempt `done` with counts, artifact checksums and the fingerprint.
+An exception marks the attempt `failed` with its message and is raised again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from facecaption.settings import Settings
+from facecaption.stages import Stage, stage_registry
+from facecaption.state import ShardState
+from facecaption.state.shards import worker_name
+from facecaption.store import ArtifactStore
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    shard_id: str
+    stage: str
+    status: str  # "done" (ran now) or "skipped" (already done with this fingerprint)
+    attempt: int
+    counts: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What goes into XCom: ids and counts only."""
+        return {
+            "shard_id": self.shard_id,
+            "stage": self.stage,
+            "status": self.status,
+            "attempt": self.attempt,
+            "counts": self.counts,
+        }
+
+
+def fingerprint(stage: Stage, inputs: dict[str, Any]) -> str:
+    payload = json.dumps(
+        {"stage": stage.name, "version": stage.version, "inputs": inputs},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def get_stage(name: str) -> Stage:
+    stages = stage_registry()
+    if name not in stages:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(stages)}")
+    return stages[name]
+
+
+def run_stage(
+    stage_name: str,
+    shard_id: str,
+    settings: Settings,
+    state: ShardState,
+    store: ArtifactStore,
+    *,
+    force: bool = False,
+) -> StageOutcome:
+    stage = get_stage(stage_name)
+    shard = state.get_shard(shard_id)
+    with state.claim(shard_id, stage.name):
+        current = state.get_stage(shard_id, stage.name)
+        wanted = fingerprint(stage, stage.fingerprint_inputs(shard, settings, state))
+        if (
+            not force
+            and current.status == "done"
+            and current.fingerprint == wanted
+            and all(store.exists(store.shard_path(shard_id, n)) for n in stage.artifact_names)
+        ):
+            return StageOutcome(
+                shard_id, stage.name, "skipped", current.attempt, current.counts, current.artifacts
+            )
+        attempt = state.mark_running(shard_id, stage.name, wanted, worker_name())
+        try:
+            store.remove_partials(shard_id)
+            result = stage.run(shard, settings, store)
+        except BaseException as error:
+            state.mark_failed(shard_id, stage.name, attempt, f"{type(error).__name__}: {error}")
+            raise
+        artifacts = {name: ref.as_json() for name, ref in result.artifacts.items()}
+        state.mark_done(shard_id, stage.name, attempt, result.counts, artifacts, wanted)
+        return StageOutcome(shard_id, stage.name, "done", attempt, result.counts, artifacts)

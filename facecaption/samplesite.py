@@ -1,0 +1,115 @@
+"""A loopback HTTP server that serves given bytes and scripted faults.
+
+The demo serves its sample images from it and the tests use it for real HTTP failures: status
+codes, slow answers, bodies that trickle, stop short of their Content-Length, or fail a few
+times before succeeding. It binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    content_type: str = "application/octet-stream"
+    status: int = 200
+    delay_s: float = 0.0  # before the status line
+    trickle_s: float = 0.0  # between 1 KiB pieces of the body
+    declared_length: int | None = None  # a Content-Length that differs from the body
+    fail_first: int = 0  # answer 503 this many times first
+    headers: dict[str, str] | None = None
+
+
+class SampleSite:
+    """`with SampleSite(routes) as site:` serves `routes[path]` at `site.url(path)`."""
+
+    def __init__(self, routes: dict[str, Route], port: int = 0) -> None:
+        self.routes = routes
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def __enter__(self) -> SampleSite:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _count(self, path: str) -> int:
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return self.hits[path]
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0].lstrip("/")
+                route = site.routes.get(path)
+                hit = site._count(path)
+                if route is None:
+                    return self._answer(404, b"not found", "text/plain")
+                if route.delay_s:
+                    time.sleep(route.delay_s)
+                if hit <= route.fail_first:
+                    return self._answer(503, b"try again", "text/plain")
+                self.send_response(route.status)
+                self.send_header("Content-Type", route.content_type)
+                length = route.declared_length
+                self.send_header(
+                    "Content-Length", str(len(route.body) if length is None else length)
+                )
+                for name, value in (route.headers or {}).items():
+                    self.send_header(name, value)
+                if route.declared_length is not None:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    if route.trickle_s:
+                        for start in range(0, len(route.body), 1024):
+                            self.wfile.write(route.body[start : start + 1024])
+                            self.wfile.flush()
+                            time.sleep(route.trickle_s)
+                    else:
+                        self.wfile.write(route.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                if route.declared_length is not None:
+                    self.close_connection = True
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler

@@ -1,0 +1,105 @@
+"""The one settings object: environment (`FACECAPTION_*`) over an optional TOML file over defaults.
+
+Nested sections use a double underscore in the environment, e.g.
+`FACECAPTION_FETCH__CONCURRENCY=128` or `FACECAPTION_COLUMNS__URL='["URL"]'`. The TOML file is
+`$FACECAPTION_CONFIG` when set, else `{home}/facecaption.toml` when it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path("~/.facecaption")
+
+
+class SourceColumns(BaseModel):
+    """Candidate column names in source parquet files; the first present one is used."""
+
+    url: list[str] = ["url", "URL"]
+    caption: list[str] = ["caption", "TEXT"]
+    sample_id: list[str] = ["id", "SAMPLE_ID", "key"]
+
+
+class FetchSettings(BaseModel):
+    """Limits of the fetch stage. Only the fields named in `OUTPUT_FIELDS` change what it writes."""
+
+    concurrency: int = Field(64, ge=1, description="simultaneous downloads per shard")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next bytes")
+    total_timeout_s: float = Field(30.0, gt=0, description="deadline for one download attempt")
+    retries: int = Field(2, ge=0, description="extra attempts for transient failures")
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(8.0, ge=0)
+    max_bytes: int = Field(20_000_000, ge=1, description="larger bodies get status too_large")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="decompression-bomb guard, checked from the image header"
+    )
+    user_agent: str = "facecaption/0.1 (+https://github.com/facecaption/facecaption)"
+
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = ("max_bytes", "max_pixels")
+
+    def output_settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    home: Path = Field(DEFAULT_HOME, description="working dir: embedded DB, demo, temp files")
+    db_url: str | None = Field(
+        None, description="state DB (Postgres) SQLAlchemy URL; unset: embedded Postgres in home"
+    )
+    store_root: str | None = Field(
+        None, description="artifact root, any fsspec URL; unset: {home}/artifacts"
+    )
+    shard_size: int = Field(10_000, ge=1, description="source rows per shard")
+    columns: SourceColumns = SourceColumns()
+    fetch: FetchSettings = FetchSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = config_path()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def artifact_root(self) -> str:
+        return self.store_root or str(self.home_dir / "artifacts")
+
+
+def config_path() -> Path | None:
+    """The TOML file to read, if any."""
+    explicit = os.environ.get("FACECAPTION_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"FACECAPTION_CONFIG names {path}, which is not a file")
+        return path
+    home = Path(os.environ.get("FACECAPTION_HOME", str(DEFAULT_HOME))).expanduser()
+    default = home / "facecaption.toml"
+    return default if default.is_file() else None

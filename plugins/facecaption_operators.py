@@ -1,0 +1,49 @@
+"""Airflow operators for facecaption stages: one stage on one shard, through the same
+`facecaption.pipeline.Pipeline.run` the CLI uses.
+
+`ShardStageOperator` runs on the default (CPU) queue. GPU stages (detect, attribute, in-process
+LLM captioning) will use `GpuShardStageOperator`, which routes to `queue="gpu"` and the `gpu`
+pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+
+class ShardStageOperator(BaseOperator):
+    """Run `stage` on `shard_id`; XCom gets the outcome's ids and counts, never data."""
+
+    template_fields = ("shard_id", "force")
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self, *, stage: str, shard_id: str, force: bool | str = False, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.stage = stage
+        self.shard_id = shard_id
+        self.force = force
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from facecaption.pipeline import Pipeline
+
+        force = self.force if isinstance(self.force, bool) else self.force.lower() == "true"
+        with Pipeline.open() as pipeline:
+            outcome = pipeline.run(self.stage, self.shard_id, force=force)
+        self.log.info("%s %s: %s %s", self.stage, self.shard_id, outcome.status, outcome.counts)
+        return outcome.summary()
+
+
+class GpuShardStageOperator(ShardStageOperator):
+    """A stage that needs a GPU: routed to workers listening on the `gpu` queue, one `gpu`
+    pool slot each, so a GPU never runs more stages than it has room for."""
+
+    ui_color = "#fdebd0"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("queue", "gpu")
+        kwargs.setdefault("pool", "gpu")
+        super().__init__(**kwargs)
