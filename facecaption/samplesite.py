@@ -23,6 +23,7 @@ class Route:
     trickle_s: float = 0.0  # between 1 KiB pieces of the body
     declared_length: int | None = None  # a Content-Length that differs from the body
     fail_first: int = 0  # answer 503 this many times first
+    chunked: bool = False  # no Content-Length: the size is known only by reading
     headers: dict[str, str] | None = None
 
 
@@ -83,27 +84,34 @@ class SampleSite:
                     return self._answer(503, b"try again", "text/plain")
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
-                length = route.declared_length
-                self.send_header(
-                    "Content-Length", str(len(route.body) if length is None else length)
-                )
                 for name, value in (route.headers or {}).items():
                     self.send_header(name, value)
+                if route.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    length = route.declared_length
+                    self.send_header(
+                        "Content-Length", str(len(route.body) if length is None else length)
+                    )
                 if route.declared_length is not None:
                     self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 try:
-                    if route.trickle_s:
-                        for start in range(0, len(route.body), 1024):
-                            self.wfile.write(route.body[start : start + 1024])
-                            self.wfile.flush()
+                    for start in range(0, len(route.body), 1024):
+                        self._send(route.body[start : start + 1024], route.chunked)
+                        if route.trickle_s:
                             time.sleep(route.trickle_s)
-                    else:
-                        self.wfile.write(route.body)
+                    if route.chunked:
+                        self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
-                    return
-                if route.declared_length is not None:
                     self.close_connection = True
+
+            def _send(self, piece: bytes, chunked: bool) -> None:
+                if chunked:
+                    piece = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+                self.wfile.write(piece)
+                self.wfile.flush()
 
             def _answer(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)

@@ -4,8 +4,8 @@ and `fetch.parquet` (one row per source row, with a typed status).
 Statuses: ok, duplicate (same bytes as an earlier row of the shard), and the failures
 http_error, timeout, dns_error, connection_error, too_large, not_an_image, decode_error,
 invalid_url. A bad URL is a row status, never a shard failure. Bytes are stored exactly as
-downloaded (native resolution, no re-encode). The tar holds samples in completion order; the
-parquet is in source row order and is published last, after the tar.
+downloaded (native resolution, no re-encode). Both files are in source row order; the parquet
+is published last, after the tar.
 """
 
 from __future__ import annotations
@@ -121,59 +121,84 @@ class FetchStage:
 
 
 async def fetch_rows(rows: list[SourceRow], limits: FetchSettings, tar_path: Path) -> list[dict]:
-    """Download and check every row, writing kept images to a webdataset tar as they finish.
+    """Download and check every row; write kept images to a webdataset tar in row order.
 
+    Bodies are appended to a local spool file as they arrive (memory stays bounded by the
+    number of downloads in flight) and copied into the tar in row order at the end, so the
+    tar is reproducible and, among rows with the same bytes, the first row keeps the image.
     Returns one record per row, in row order.
     """
     records: dict[int, dict[str, Any]] = {}
-    first_key_by_sha: dict[str, str] = {}
+    spooled: dict[int, tuple[int, int, str]] = {}  # row -> (offset, length, extension)
     queue: asyncio.Queue[SourceRow] = asyncio.Queue()
     for row in rows:
         queue.put_nowait(row)
     loop = asyncio.get_running_loop()
-    with (
-        ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder,
-        WebDatasetWriter(tar_path) as tar,
-    ):
+    spool_path = tar_path.with_name(tar_path.name + ".spool")
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder,
+            open(spool_path, "w+b") as spool,
+        ):
 
-        async def worker() -> None:
-            while not queue.empty():
-                row = queue.get_nowait()
-                download = await downloader.get(row.url)
-                record = _record(row, download.status, download.error)
-                record.update(http_status=download.http_status, attempts=download.attempts)
-                if download.status == "ok":
-                    body = download.body or b""
-                    check = await loop.run_in_executor(
-                        decoder, check_image, body, limits.max_pixels
-                    )
-                    sha256 = hashlib.sha256(body).hexdigest()
-                    record.update(
-                        status=check.status,
-                        error=check.error,
-                        bytes=len(body),
-                        sha256=sha256,
-                        width=check.width,
-                        height=check.height,
-                        format=check.format,
-                        mode=check.mode,
-                        exif_orientation=check.exif_orientation,
-                    )
-                    if check.status == "ok":
-                        if sha256 in first_key_by_sha:
-                            record.update(
-                                status="duplicate",
-                                error=f"same bytes as {first_key_by_sha[sha256]}",
-                            )
-                        else:
-                            first_key_by_sha[sha256] = row.key
-                            tar.write_json(row.key, body, check.extension or "bin", _meta(record))
-                records[row.row] = record
+            async def worker() -> None:
+                while not queue.empty():
+                    row = queue.get_nowait()
+                    download = await downloader.get(row.url)
+                    record = _record(row, download.status, download.error)
+                    record.update(http_status=download.http_status, attempts=download.attempts)
+                    if download.status == "ok":
+                        body = download.body or b""
+                        check = await loop.run_in_executor(
+                            decoder, check_image, body, limits.max_pixels
+                        )
+                        record.update(
+                            status=check.status,
+                            error=check.error,
+                            bytes=len(body),
+                            sha256=hashlib.sha256(body).hexdigest(),
+                            width=check.width,
+                            height=check.height,
+                            format=check.format,
+                            mode=check.mode,
+                            exif_orientation=check.exif_orientation,
+                        )
+                        if check.status == "ok":
+                            spooled[row.row] = (spool.tell(), len(body), check.extension or "bin")
+                            spool.write(body)
+                    records[row.row] = record
 
-        async with Downloader(limits) as downloader:
-            workers = min(limits.concurrency, max(1, len(rows)))
-            await asyncio.gather(*(worker() for _ in range(workers)))
+            async with Downloader(limits) as downloader:
+                workers = min(limits.concurrency, max(1, len(rows)))
+                await asyncio.gather(*(worker() for _ in range(workers)))
+            _write_tar_in_row_order(rows, records, spooled, spool, tar_path)
+    finally:
+        spool_path.unlink(missing_ok=True)
     return [records[row.row] for row in rows]
+
+
+def _write_tar_in_row_order(
+    rows: list[SourceRow],
+    records: dict[int, dict[str, Any]],
+    spooled: dict[int, tuple[int, int, str]],
+    spool: Any,
+    tar_path: Path,
+) -> None:
+    first_key_by_sha: dict[str, str] = {}
+    with WebDatasetWriter(tar_path) as tar:
+        for row in rows:
+            if row.row not in spooled:
+                continue
+            record = records[row.row]
+            if record["sha256"] in first_key_by_sha:
+                record.update(
+                    status="duplicate", error=f"same bytes as {first_key_by_sha[record['sha256']]}"
+                )
+                continue
+            first_key_by_sha[record["sha256"]] = row.key
+            offset, length, extension = spooled[row.row]
+            spool.seek(offset)
+            tar.write_json(row.key, spool.read(length), extension, _meta(record))
 
 
 def _record(row: SourceRow, status: str, error: str | None) -> dict[str, Any]:

@@ -51,18 +51,17 @@ def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int, int]]:
 
 def plan_sources(uris: list[str], settings: Settings, state: ShardState) -> PlanReport:
     report = PlanReport()
-    try:
-        files = expand_source_uris(uris)
-    except SourceError as error:
-        report.errors[", ".join(uris)] = str(error)
-        return report
-    for uri in files:
+    for argument in uris:
         try:
-            planned = _plan_one(uri, settings, state)
+            files = expand_source_uris([argument])
         except SourceError as error:
-            report.errors[uri] = str(error)
+            report.errors[argument] = str(error)
             continue
-        report.sources.append(planned)
+        for uri in files:
+            try:
+                report.sources.append(_plan_one(uri, settings, state))
+            except SourceError as error:
+                report.errors[uri] = str(error)
     return report
 
 

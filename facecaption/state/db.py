@@ -43,6 +43,8 @@ class Migration:
 
 def sqlalchemy_url(url: str) -> str:
     """Normalise a Postgres URL to the psycopg2 driver; refuse other dialects."""
+    if url.startswith("postgres://"):  # the scheme Heroku-style providers hand out
+        url = "postgresql://" + url.removeprefix("postgres://")
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql":
         raise StateDBError(f"the state DB must be Postgres, got {parsed.get_backend_name()!r}")

@@ -216,11 +216,22 @@ class ShardState:
             try:
                 yield conn
             finally:
-                conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(hashtext(:stage), hashtext(:shard))"),
-                    _lock_keys(shard_id, stage),
-                )
-                conn.commit()
+                self._release(conn, shard_id, stage)
+
+    @staticmethod
+    def _release(conn: Connection, shard_id: str, stage: str) -> None:
+        # A failed statement in the block leaves the transaction aborted; session locks
+        # survive a rollback, so roll back first, then unlock.
+        try:
+            conn.rollback()
+            conn.execute(
+                sa.text("SELECT pg_advisory_unlock(hashtext(:stage), hashtext(:shard))"),
+                _lock_keys(shard_id, stage),
+            )
+            conn.commit()
+        except sa.exc.DBAPIError:
+            # Closing the server session releases its locks; never return it to the pool.
+            conn.invalidate()
 
     def mark_running(self, shard_id: str, stage: str, fingerprint: str, worker: str) -> int:
         """Start a new attempt; return its number. Call only while holding `claim`."""

@@ -1,0 +1,171 @@
+"""Shared fixtures: a real Postgres per test, isolated settings, a loopback sample site,
+and an Airflow home with a migrated SQLite metadata DB for DAG tests.
+
+Postgres: `FACECAPTION_TEST_DB_URL` when set, else the local server on 127.0.0.1:5432, else an
+embedded server started for this run. The run gets a migrated template database and every
+test a fresh copy of it, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration when first imported: point it at a private home now.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="facecaption-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+    }
+)
+# Settings under test come from fixtures, never from the developer's own environment.
+for _name in [
+    k for k in os.environ if k.startswith("FACECAPTION_") and k != "FACECAPTION_TEST_DB_URL"
+]:
+    del os.environ[_name]
+
+from facecaption.sampledata import routes_for, sample_rows  # noqa: E402
+from facecaption.samplesite import SampleSite  # noqa: E402
+from facecaption.settings import Settings  # noqa: E402
+from facecaption.state.db import sqlalchemy_url, upgrade  # noqa: E402
+
+LOCAL_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+def _reachable(url: str) -> bool:
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except sa.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL to a database on a server where we may CREATE DATABASE."""
+    explicit = os.environ.get("FACECAPTION_TEST_DB_URL")
+    if explicit:
+        yield sqlalchemy_url(explicit)
+        return
+    if _reachable(LOCAL_SERVER):
+        yield LOCAL_SERVER
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    yield sqlalchemy_url(server.get_uri())
+    server.cleanup()
+
+
+def _admin(url: str, statement: str) -> None:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """A migrated database for this run, copied for each test."""
+    name = f"fc_test_{uuid.uuid4().hex[:10]}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
+    url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield name
+    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"{template_db}_{uuid.uuid4().hex[:8]}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    """A database with no schema at all."""
+    name = f"fc_empty_{uuid.uuid4().hex[:10]}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
+    yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    """Settings for one test, with short timeouts and quick retries."""
+    return Settings(
+        home=tmp_path / "home",
+        db_url=db_url,
+        store_root=str(tmp_path / "artifacts"),
+        shard_size=10_000,
+        fetch={
+            "connect_timeout_s": 2,
+            "read_timeout_s": 1,
+            "total_timeout_s": 3,
+            "retries": 2,
+            "backoff_base_s": 0.05,
+            "backoff_max_s": 0.2,
+        },
+    )
+
+
+@pytest.fixture
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for subprocesses and Airflow tasks."""
+    env = {
+        "FACECAPTION_HOME": str(settings.home),
+        "FACECAPTION_DB_URL": settings.db_url or "",
+        "FACECAPTION_STORE_ROOT": settings.artifact_root,
+        "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
+    }
+    for name, value in settings.fetch.model_dump().items():
+        env[f"FACECAPTION_FETCH__{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def sample() -> list:
+    return sample_rows()
+
+
+@pytest.fixture
+def sample_site(sample: list) -> Iterator[SampleSite]:
+    with SampleSite(routes_for(sample)) as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's SQLite metadata DB, migrated once per run."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return _AIRFLOW_HOME

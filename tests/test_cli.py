@@ -1,0 +1,92 @@
+"""The `facecaption` command as a user runs it: db upgrade, plan, run, status, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from facecaption.cli import main
+from facecaption.sampledata import write_source
+
+
+@pytest.fixture
+def cli_env(settings_env, monkeypatch):
+    for name, value in {**settings_env, "FACECAPTION_SHARD_SIZE": "10"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_db_upgrade_is_idempotent(empty_db_url, monkeypatch, capsys):
+    monkeypatch.setenv("FACECAPTION_DB_URL", empty_db_url)
+    assert main(["db", "upgrade"]) == 0
+    assert "applied 0001_shard_state" in capsys.readouterr().out
+    assert main(["db", "upgrade"]) == 0
+    out = capsys.readouterr().out
+    assert "applied" not in out and "schema version 1" in out
+
+
+def test_commands_refuse_a_db_without_schema(empty_db_url, monkeypatch, capsys):
+    monkeypatch.setenv("FACECAPTION_DB_URL", empty_db_url)
+    assert main(["status"]) == 1
+    assert "facecaption db upgrade" in capsys.readouterr().err
+
+
+def test_plan_run_status(tmp_path, cli_env, sample, sample_site, capsys):
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    assert main(["plan", str(source)]) == 0
+    assert "3 shards (3 new)" in capsys.readouterr().out
+    assert main(["plan", str(source)]) == 0
+    assert "3 shards (0 new)" in capsys.readouterr().out
+
+    assert main(["status"]) == 0
+    assert "fetch: 3 pending" in capsys.readouterr().out
+
+    assert main(["run", "--source", str(source)]) == 0
+    ran = capsys.readouterr().out
+    assert ran.count("fetch: done") == 3
+
+    assert main(["run"]) == 0
+    assert capsys.readouterr().out.count("fetch: skipped") == 3
+
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["totals"]["fetch"]["shards"] == {"done": 3}
+    assert status["totals"]["fetch"]["counts"]["rows"] == len(sample)
+    expected_ok = sum(row.expected_status == "ok" for row in sample)
+    assert status["totals"]["fetch"]["counts"]["ok"] == expected_ok
+
+
+def test_plan_reports_bad_files_and_exits_nonzero(tmp_path, cli_env, capsys):
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("not parquet")
+    assert main(["plan", str(garbage), str(tmp_path / "missing.parquet")]) == 1
+    err = capsys.readouterr().err
+    assert "not a readable parquet file" in err and "file not found" in err
+
+
+def test_run_unknown_shard_is_a_clear_error(cli_env, capsys):
+    assert main(["run", "--shard", "nope"]) == 1
+    assert "no shard 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_build_dag_and_prints_the_summary(tmp_path, settings_env):
+    """The README's demo, minus the install: sample source, loopback server, Airflow."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "FACECAPTION_HOME": str(tmp_path / "home"),
+        "FACECAPTION_DB_URL": settings_env["FACECAPTION_DB_URL"],
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "facecaption.cli", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fetch: 3 done" in done.stdout
+    assert str(tmp_path / "home" / "artifacts") in done.stdout

@@ -1,0 +1,36 @@
+"""docker-compose.yml is checked for structure here; Docker itself is not available in CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+
+def test_compose_services_fit_together():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {
+        "postgres",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+    } <= set(services)
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            assert source.startswith("./") or source in compose["volumes"], (name, source)
+
+
+def test_compose_keeps_facecaption_state_out_of_airflow_metadata_db():
+    env = yaml.safe_load(COMPOSE.read_text())["x-airflow-common"]["environment"]
+    airflow_db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].rsplit("/", 1)[1]
+    state_db = env["FACECAPTION_DB_URL"].rsplit("/", 1)[1]
+    assert airflow_db != state_db
+    assert int(env["AIRFLOW__CORE__MAX_MAP_LENGTH"]) > 1024
