@@ -25,7 +25,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/bench_fetch.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_fetch.py --images 600 --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,6 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 drops SYNs when many clients connect at once
+
+
 @dataclass
 class Route:
     body: bytes = b""
@@ -34,8 +39,7 @@ class SampleSite:
         self.routes = routes
         self.hits: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -68,6 +72,7 @@ class SampleSite:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # small writes must not wait for delayed ACKs
 
             def log_message(self, format: str, *args: object) -> None:  # quiet
                 pass
@@ -97,9 +102,10 @@ class SampleSite:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
+                piece = 1024 if route.trickle_s else max(len(route.body), 1)
                 try:
-                    for start in range(0, len(route.body), 1024):
-                        self._send(route.body[start : start + 1024], route.chunked)
+                    for start in range(0, len(route.body), piece):
+                        self._send(route.body[start : start + piece], route.chunked)
                         if route.trickle_s:
                             time.sleep(route.trickle_s)
                     if route.chunked:
