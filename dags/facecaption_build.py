@@ -3,6 +3,7 @@ summary. All logic lives in the `facecaption` package; this file only wires it u
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pendulum
@@ -18,6 +19,12 @@ from facecaption_operators import ShardStageOperator
     catchup=False,
     max_active_runs=4,
     tags=["facecaption"],
+    # A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+    },
     params={
         "source": Param(
             None,
