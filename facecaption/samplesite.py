@@ -2,7 +2,9 @@
 
 The demo serves its sample images from it and the tests use it for real HTTP failures: status
 codes, slow answers, bodies that trickle, stop short of their Content-Length, or fail a few
-times before succeeding. It binds 127.0.0.1 only.
+times before succeeding. It counts what it saw: hits per path, requests in flight at once,
+and bodies the client hung up on. It binds a loopback address only (127.0.0.1 by default; any
+127.x.y.z works on Linux, which gives tests and benchmarks several distinct hosts).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class Route:
     delay_s: float = 0.0  # before the status line
     trickle_s: float = 0.0  # between 1 KiB pieces of the body
     declared_length: int | None = None  # a Content-Length that differs from the body
-    fail_first: int = 0  # answer 503 this many times first
+    fail_first: int = 0  # answer `fail_status` this many times first
+    fail_status: int = 503
+    fail_headers: dict[str, str] | None = None  # e.g. {"Retry-After": "1"}
     chunked: bool = False  # no Content-Length: the size is known only by reading
     headers: dict[str, str] | None = None
 
@@ -42,11 +46,15 @@ class Route:
 class SampleSite:
     """`with SampleSite(routes) as site:` serves `routes[path]` at `site.url(path)`."""
 
-    def __init__(self, routes: dict[str, Route], port: int = 0) -> None:
+    def __init__(self, routes: dict[str, Route], port: int = 0, host: str = "127.0.0.1") -> None:
         self.routes = routes
         self.hits: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.hung_up: set[str] = set()  # paths whose body the client stopped reading
         self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", port), self._handler_class())
+        self.host = host
+        self._server = _Server((host, port), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -54,7 +62,7 @@ class SampleSite:
         return self._server.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        return f"http://{self.host}:{self.port}/{path.lstrip('/')}"
 
     def __enter__(self) -> SampleSite:
         self._thread.start()
@@ -72,7 +80,13 @@ class SampleSite:
     def _count(self, path: str) -> int:
         with self._lock:
             self.hits[path] = self.hits.get(path, 0) + 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return self.hits[path]
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         site = self
@@ -86,14 +100,22 @@ class SampleSite:
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0].lstrip("/")
-                route = site.routes.get(path)
                 hit = site._count(path)
+                try:
+                    self._serve(path, hit)
+                finally:
+                    site._done()
+
+            def _serve(self, path: str, hit: int) -> None:
+                route = site.routes.get(path)
                 if route is None:
                     return self._answer(404, b"not found", "text/plain")
                 if route.delay_s:
                     time.sleep(route.delay_s)
                 if hit <= route.fail_first:
-                    return self._answer(503, b"try again", "text/plain")
+                    return self._answer(
+                        route.fail_status, b"try again", "text/plain", route.fail_headers
+                    )
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 for name, value in (route.headers or {}).items():
@@ -118,6 +140,7 @@ class SampleSite:
                     if route.chunked:
                         self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
+                    site.hung_up.add(path)
                     self.close_connection = True
 
             def _send(self, piece: bytes, chunked: bool) -> None:
@@ -126,9 +149,17 @@ class SampleSite:
                 self.wfile.write(piece)
                 self.wfile.flush()
 
-            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            def _answer(
+                self,
+                status: int,
+                body: bytes,
+                content_type: str,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
