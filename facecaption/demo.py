@@ -72,6 +72,8 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         "FACECAPTION_DB_URL": db_url,
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(shard_size),
+        # the sample site is on loopback, which downloads may not reach otherwise
+        "FACECAPTION_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
     }
     env = airflow_env(airflow_home, root, facecaption_env)
     rows = sample_rows()

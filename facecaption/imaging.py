@@ -28,7 +28,7 @@ _EXIF_ORIENTATION = 0x0112
 
 @dataclass(frozen=True)
 class ImageCheck:
-    status: str  # "ok", "not_an_image", "too_large" or "decode_error"
+    status: str  # "ok", "not_an_image", "unsupported_format", "too_large" or "decode_error"
     error: str | None = None
     format: str | None = None
     width: int | None = None
@@ -59,7 +59,7 @@ def check_image(body: bytes, max_pixels: int) -> ImageCheck:
         width, height = image.size
         described = {"format": image.format, "width": width, "height": height, "mode": image.mode}
         if image.format not in EXTENSIONS:
-            return ImageCheck("not_an_image", f"unsupported format {image.format}", **described)
+            return ImageCheck("unsupported_format", f"{image.format} is not kept", **described)
         if width * height > max_pixels:
             return ImageCheck(
                 "too_large", f"{width}x{height} exceeds {max_pixels} pixels", **described

@@ -4,9 +4,11 @@ The order of events is what makes runs safe to kill and repeat:
 1. take the (shard, stage) lock, or fail fast with ShardBusyError;
 2. compute the fingerprint (stage version + inputs + output-affecting settings); if the stage
    is `done` with the same fingerprint and its artifacts exist, do nothing (unless forced);
+   a forced run may reuse what is final in those artifacts;
 3. mark a new attempt `running`, remove temporary files a killed attempt left behind;
 4. run the stage, which publishes its artifacts atomically;
-5. only then mark the attempt `done` with counts, artifact checksums and the fingerprint.
+5. only then mark the attempt `done` with counts, warnings, artifact checksums and the
+   fingerprint, which from then on describes the artifacts.
 An exception marks the attempt `failed` with its message and is raised again.
 """
 
@@ -18,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from facecaption.settings import Settings
-from facecaption.stages import Stage, stage_registry
+from facecaption.stages import Stage, StageContext, stage_registry
 from facecaption.state import ShardState
-from facecaption.state.shards import worker_name
+from facecaption.state.shards import ImageHashIndex, worker_name
 from facecaption.store import ArtifactStore
 
 
@@ -32,6 +34,7 @@ class StageOutcome:
     attempt: int
     counts: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What goes into XCom: ids and counts only."""
@@ -68,28 +71,45 @@ def run_stage(
     store: ArtifactStore,
     *,
     force: bool = False,
+    fresh: bool = False,
 ) -> StageOutcome:
+    """Run a stage on a shard unless it is done with the same fingerprint.
+
+    `force` runs it anyway; the stage may then keep what is final in its earlier outputs
+    (the fetch stage re-tries only transient failures). `fresh` also ignores those outputs.
+    """
     stage = get_stage(stage_name)
     shard = state.get_shard(shard_id)
     with state.claim(shard_id, stage.name):
         current = state.get_stage(shard_id, stage.name)
         wanted = fingerprint(stage, stage.fingerprint_inputs(shard, settings, state))
-        if (
-            not force
-            and current.status == "done"
-            and current.fingerprint == wanted
+        reusable = (
+            current.fingerprint == wanted
+            and bool(current.artifacts)
             and all(store.exists(store.shard_path(shard_id, n)) for n in stage.artifact_names)
-        ):
+        )
+        if reusable and current.status == "done" and not force:
             return StageOutcome(
                 shard_id, stage.name, "skipped", current.attempt, current.counts, current.artifacts
             )
         attempt = state.mark_running(shard_id, stage.name, wanted, worker_name())
+        context = StageContext(
+            shard=shard,
+            settings=settings,
+            store=store,
+            dedup=ImageHashIndex(state.engine),
+            previous=current if reusable and not fresh else None,
+        )
         try:
             store.remove_partials(shard_id)
-            result = stage.run(shard, settings, store)
+            result = stage.run(context)
         except BaseException as error:
             state.mark_failed(shard_id, stage.name, attempt, f"{type(error).__name__}: {error}")
             raise
         artifacts = {name: ref.as_json() for name, ref in result.artifacts.items()}
-        state.mark_done(shard_id, stage.name, attempt, result.counts, artifacts, wanted)
-        return StageOutcome(shard_id, stage.name, "done", attempt, result.counts, artifacts)
+        state.mark_done(
+            shard_id, stage.name, attempt, result.counts, artifacts, wanted, result.warnings
+        )
+        return StageOutcome(
+            shard_id, stage.name, "done", attempt, result.counts, artifacts, result.warnings
+        )

@@ -31,22 +31,56 @@ class SourceColumns(BaseModel):
 
 
 class FetchSettings(BaseModel):
-    """Limits of the fetch stage. Only the fields named in `OUTPUT_FIELDS` change what it writes."""
+    """Limits and manners of the fetch stage. Only the fields named in `OUTPUT_FIELDS` change
+    what it writes; the others change how fast it gets there."""
 
-    concurrency: int = Field(64, ge=1, description="simultaneous downloads per shard")
+    concurrency: int = Field(64, ge=1, description="simultaneous downloads per shard (process)")
+    per_host_concurrency: int = Field(8, ge=1, description="simultaneous requests to one host")
+    per_host_rate: float = Field(
+        10.0, ge=0, description="requests per second to one host; 0 for no limit"
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next bytes")
-    total_timeout_s: float = Field(30.0, gt=0, description="deadline for one download attempt")
+    total_timeout_s: float = Field(
+        30.0, gt=0, description="deadline for one download attempt, redirects included"
+    )
     retries: int = Field(2, ge=0, description="extra attempts for transient failures")
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(8.0, ge=0)
+    retry_after_max_s: float = Field(
+        60.0, ge=0, description="longest Retry-After waited out within a run"
+    )
+    max_redirects: int = Field(5, ge=0)
     max_bytes: int = Field(20_000_000, ge=1, description="larger bodies get status too_large")
     max_pixels: int = Field(
         89_478_485, ge=1, description="decompression-bomb guard, checked from the image header"
     )
     user_agent: str = "facecaption/0.1 (+https://github.com/facecaption/facecaption)"
+    user_agent_token: str = Field(
+        "facecaption", description="our name in robots.txt groups and X-Robots-Tag scopes"
+    )
+    respect_robots_txt: bool = True
+    robots_max_bytes: int = Field(512_000, ge=1)
+    robots_timeout_s: float = Field(5.0, gt=0)
+    opt_out_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    allowed_schemes: list[str] = ["http", "https"]
+    allow_networks: list[str] = Field(
+        [], description="CIDRs reachable despite being loopback/private, e.g. 127.0.0.0/8"
+    )
+    warn_error_rate: float = Field(
+        0.5, ge=0, le=1, description="warn in the shard summary above this failure share"
+    )
 
-    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = ("max_bytes", "max_pixels")
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "max_bytes",
+        "max_pixels",
+        "max_redirects",
+        "user_agent_token",
+        "respect_robots_txt",
+        "opt_out_directives",
+        "allowed_schemes",
+        "allow_networks",
+    )
 
     def output_settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}

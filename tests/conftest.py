@@ -8,6 +8,7 @@ test a fresh copy of it, dropped afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,8 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
         store_root=str(tmp_path / "artifacts"),
         shard_size=10_000,
         fetch={
+            "allow_networks": ["127.0.0.0/8"],  # the loopback sample site
+            "per_host_rate": 0,
             "connect_timeout_s": 2,
             "read_timeout_s": 1,
             "total_timeout_s": 3,
@@ -143,8 +146,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
     }
-    for name, value in settings.fetch.model_dump().items():
-        env[f"FACECAPTION_FETCH__{name.upper()}"] = str(value)
+    for name, value in settings.fetch.model_dump(mode="json").items():
+        env[f"FACECAPTION_FETCH__{name.upper()}"] = (
+            json.dumps(value) if isinstance(value, list) else str(value)
+        )
     return env
 
 

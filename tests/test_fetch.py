@@ -86,7 +86,7 @@ def test_fetch_marks_same_bytes_in_a_shard_as_duplicate(tmp_path, settings, samp
     rows = table.to_pylist()
     duplicate = next(r for r in rows if r["status"] == "duplicate")
     original = next(r for r in rows if r["sha256"] == duplicate["sha256"] and r is not duplicate)
-    assert duplicate["error"] == f"same bytes as {original['key']}"
+    assert duplicate["duplicate_of"].endswith(f"/{original['key']}")
     assert duplicate["key"] not in samples and original["key"] in samples
 
 

@@ -39,7 +39,11 @@ def test_defaults_are_the_documented_ones(isolated_env: Path) -> None:
     assert settings.columns.sample_id[:2] == ["id", "SAMPLE_ID"]
     assert settings.fetch.concurrency == 64
     assert settings.fetch.retries == 2
-    assert settings.fetch.output_settings() == {"max_bytes": 20_000_000, "max_pixels": 89_478_485}
+    output = settings.fetch.output_settings()
+    assert output["max_bytes"] == 20_000_000 and output["max_pixels"] == 89_478_485
+    assert output["opt_out_directives"] == ["noai", "noimageai", "noindex", "noimageindex"]
+    assert output["respect_robots_txt"] is True and output["allow_networks"] == []
+    assert "concurrency" not in output and "total_timeout_s" not in output
 
 
 def test_artifact_root_defaults_to_home_artifacts(tmp_path: Path) -> None:

@@ -79,15 +79,17 @@ def event_names(state: ShardState, shard_id: str, stage: str = STAGE) -> list[tu
     return [(e["attempt"], e["event"]) for e in state.events(shard_id, stage)]
 
 
+LATEST = max(m.version for m in load_migrations())
+
 # -- connection and migrations --------------------------------------------------------------
 
 
 def test_upgrade_applies_first_migration_on_empty_db(empty_engine: Engine) -> None:
     assert current_version(empty_engine) is None
     applied = upgrade(empty_engine)
-    assert [m.version for m in applied] == [1]
+    assert [m.version for m in applied] == [m.version for m in load_migrations()]
     assert applied[0].name == "shard_state"
-    assert current_version(empty_engine) == 1
+    assert current_version(empty_engine) == LATEST
     with empty_engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT version, name, checksum FROM schema_migrations")).all()
         tables = set(
@@ -96,7 +98,7 @@ def test_upgrade_applies_first_migration_on_empty_db(empty_engine: Engine) -> No
             ).scalars()
         )
     assert [(r.version, r.name, r.checksum) for r in rows] == [
-        (1, "shard_state", load_migrations()[0].checksum)
+        (m.version, m.name, m.checksum) for m in load_migrations()
     ]
     assert {"sources", "shards", "shard_stages", "stage_events"} <= tables
     require_current_schema(empty_engine)
@@ -106,7 +108,8 @@ def test_second_upgrade_applies_nothing(empty_engine: Engine) -> None:
     upgrade(empty_engine)
     assert upgrade(empty_engine) == []
     with empty_engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar() == 1
+        count = conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar()
+    assert count == len(load_migrations())
 
 
 def test_concurrent_upgrades_apply_each_migration_once(empty_db_url: str) -> None:
@@ -120,15 +123,15 @@ def test_concurrent_upgrades_apply_each_migration_once(empty_db_url: str) -> Non
     try:
         with ThreadPoolExecutor(len(engines)) as pool:
             results = list(pool.map(run, engines))
-        assert sorted(len(applied) for applied in results) == [0, 0, 0, 1]
-        assert current_version(engines[0]) == 1
+        assert sorted(len(applied) for applied in results) == [0, 0, 0, len(load_migrations())]
+        assert current_version(engines[0]) == LATEST
     finally:
         for engine in engines:
             engine.dispose()
 
 
 def test_changed_migration_is_refused(empty_engine: Engine) -> None:
-    [first] = load_migrations()
+    first = load_migrations()[0]
     upgrade(empty_engine, [first])
     edited = Migration(first.version, first.name, first.sql + "\n-- edited afterwards\n")
     assert edited.checksum != first.checksum
@@ -137,22 +140,22 @@ def test_changed_migration_is_refused(empty_engine: Engine) -> None:
 
 
 def test_new_migration_is_applied_alone(engine: Engine) -> None:
-    migrations = [*load_migrations(), Migration(2, "extra", "CREATE TABLE extra (x int);")]
+    migrations = [*load_migrations(), Migration(LATEST + 1, "extra", "CREATE TABLE extra (x int);")]
     applied = upgrade(engine, migrations)
-    assert [m.version for m in applied] == [2]
-    assert current_version(engine) == 2
+    assert [m.version for m in applied] == [LATEST + 1]
+    assert current_version(engine) == LATEST + 1
     assert upgrade(engine, migrations) == []
 
 
 def test_failed_migration_rolls_back_the_whole_upgrade(engine: Engine) -> None:
     migrations = [
         *load_migrations(),
-        Migration(2, "good", "CREATE TABLE good_table (x int);"),
-        Migration(3, "bad", "CREATE TABLE bad_table (x no_such_type);"),
+        Migration(LATEST + 1, "good", "CREATE TABLE good_table (x int);"),
+        Migration(LATEST + 2, "bad", "CREATE TABLE bad_table (x no_such_type);"),
     ]
     with pytest.raises(sa.exc.ProgrammingError):
         upgrade(engine, migrations)
-    assert current_version(engine) == 1
+    assert current_version(engine) == LATEST
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT to_regclass('good_table')")).scalar() is None
 
@@ -314,7 +317,7 @@ def test_running_done_failed_move_status_attempt_and_events(
         assert attempt == 1
         running = state.get_stage(shard, STAGE)
         assert (running.status, running.attempt, running.worker) == ("running", 1, "w1")
-        assert running.fingerprint == "fp1"
+        assert running.fingerprint is None  # it describes artifacts, and there are none yet
         assert running.started_at is not None and running.finished_at is None
         state.mark_done(shard, STAGE, attempt, {"rows": 10, "ok": 7}, artifacts, "fp1")
     done = state.get_stage(shard, STAGE)
@@ -328,12 +331,13 @@ def test_running_done_failed_move_status_attempt_and_events(
         attempt = state.mark_running(shard, STAGE, "fp2", "w2")
         assert attempt == 2
         rerun = state.get_stage(shard, STAGE)
-        assert (rerun.status, rerun.finished_at, rerun.fingerprint) == ("running", None, "fp2")
+        # still the fingerprint of the artifacts attempt 1 left
+        assert (rerun.status, rerun.finished_at, rerun.fingerprint) == ("running", None, "fp1")
         state.mark_failed(shard, STAGE, attempt, "ValueError: boom")
     failed = state.get_stage(shard, STAGE)
     assert (failed.status, failed.attempt, failed.worker) == ("failed", 2, "w2")
     assert failed.last_error == "ValueError: boom"
-    assert failed.fingerprint == "fp2"
+    assert failed.fingerprint == "fp1" and failed.artifacts == artifacts
 
     events = state.events(shard, STAGE)
     assert [(e["attempt"], e["event"]) for e in events] == [
@@ -345,6 +349,7 @@ def test_running_done_failed_move_status_attempt_and_events(
     assert events[1]["counts"] == {"rows": 10, "ok": 7}
     assert events[1]["artifacts"] == artifacts
     assert events[1]["duration_s"] >= 0
+    assert [e["fingerprint"] for e in events] == ["fp1", "fp1", "fp2", None]
     assert events[1]["worker"] == "w1"
     assert events[3]["error"] == "ValueError: boom"
     assert events[0]["fingerprint"] == "fp1"

@@ -1,6 +1,6 @@
 """Pipeline stages. Each is a plain object with a name, a version, the inputs its fingerprint
-covers, and `run(shard, settings, store)`; the CLI, the DAGs and the tests call them alike
-through `facecaption.runner.run_stage`.
+covers, and `run(context)`; the CLI, the DAGs and the tests call them alike through
+`facecaption.runner.run_stage`, which builds the context from the state DB.
 """
 
 from __future__ import annotations
@@ -9,14 +9,33 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from facecaption.settings import Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard, ShardState, StageState
 from facecaption.store import ArtifactRef, ArtifactStore
+
+
+class DedupIndex(Protocol):
+    def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+        """Register `(sha256, key)` pairs of one shard; return each sha256's first owner
+        `(shard_id, key)`."""
+        ...
+
+
+@dataclass(frozen=True)
+class StageContext:
+    shard: Shard
+    settings: Settings
+    store: ArtifactStore
+    dedup: DedupIndex
+    # The stage's own earlier outputs when they were made with the same fingerprint: a stage
+    # may keep what in them is final and redo only the rest.
+    previous: StageState | None = None
 
 
 @dataclass(frozen=True)
 class StageResult:
     counts: dict[str, int]
     artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Stage(Protocol):
@@ -28,7 +47,7 @@ class Stage(Protocol):
         self, shard: Shard, settings: Settings, state: ShardState
     ) -> dict[str, Any]: ...
 
-    def run(self, shard: Shard, settings: Settings, store: ArtifactStore) -> StageResult: ...
+    def run(self, context: StageContext) -> StageResult: ...
 
 
 def stage_registry() -> dict[str, Stage]:

@@ -1,11 +1,15 @@
 """Fetch: a shard's URLs become `fetch.tar` (original image bytes + per-sample json, webdataset)
 and `fetch.parquet` (one row per source row, with a typed status).
 
-Statuses: ok, duplicate (same bytes as an earlier row of the shard), and the failures
-http_error, timeout, dns_error, connection_error, too_large, not_an_image, decode_error,
-invalid_url. A bad URL is a row status, never a shard failure. Bytes are stored exactly as
-downloaded (native resolution, no re-encode). Both files are in source row order; the parquet
-is published last, after the tar.
+Statuses: `ok`; `duplicate` (the same bytes were kept first by the row `duplicate_of`, in this
+shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`; and
+the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
+`too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`. A bad URL is
+a row status, never a shard failure. Bytes are stored exactly as downloaded (native
+resolution, no re-encode). Both files are in source row order; the parquet is published last.
+
+A forced re-run over outputs made with the same settings keeps every row whose status is final
+(and its bytes) and fetches again only the transient failures (see `retry_later`).
 """
 
 from __future__ import annotations
@@ -13,26 +17,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from facecaption.downloader import Downloader
-from facecaption.imaging import check_image
+from facecaption.imaging import EXTENSIONS, check_image
 from facecaption.settings import FetchSettings, Settings
 from facecaption.sources import iter_rows
-from facecaption.stages import StageResult
+from facecaption.stages import DedupIndex, StageContext, StageResult
 from facecaption.state import Shard, ShardState
-from facecaption.store import ArtifactStore
+from facecaption.web.downloader import Downloader, retry_later
 from facecaption.writers import WebDatasetWriter, write_parquet
 
 TAR_NAME = "fetch.tar"
 PARQUET_NAME = "fetch.parquet"
+KEPT = frozenset({"ok", "duplicate"})
+POLICY = frozenset({"opted_out", "robots_disallowed", "blocked_address"})
 
 FETCH_SCHEMA = pa.schema(
     [
@@ -47,6 +54,7 @@ FETCH_SCHEMA = pa.schema(
         ("attempts", pa.int32()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
+        ("duplicate_of", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("format", pa.string()),
@@ -84,9 +92,41 @@ def shard_rows(shard: Shard) -> Iterator[SourceRow]:
             row += 1
 
 
+class Spool:
+    """Image bytes by row in one local append-only file, so memory holds offsets only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] = open(path, "w+b")  # noqa: SIM115 (closed in close())
+        self._where: dict[int, tuple[int, int]] = {}
+
+    def add(self, row: int, body: bytes) -> None:
+        self._file.seek(0, os.SEEK_END)
+        self._where[row] = (self._file.tell(), len(body))
+        self._file.write(body)
+
+    def __contains__(self, row: int) -> bool:
+        return row in self._where
+
+    def read(self, row: int) -> bytes:
+        offset, length = self._where[row]
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class FetchStage:
     name = "fetch"
-    version = "1"
+    version = "2"
     artifact_names = (TAR_NAME, PARQUET_NAME)
 
     def fingerprint_inputs(
@@ -99,106 +139,145 @@ class FetchStage:
             "settings": settings.fetch.output_settings(),
         }
 
-    def run(self, shard: Shard, settings: Settings, store: ArtifactStore) -> StageResult:
+    def run(self, context: StageContext) -> StageResult:
+        shard, store, limits = context.shard, context.store, context.settings.fetch
         tar_path = store.shard_path(shard.shard_id, TAR_NAME)
         parquet_path = store.shard_path(shard.shard_id, PARQUET_NAME)
         rows = list(shard_rows(shard))
         with store.publish(tar_path) as tmp_tar:
-            records = asyncio.run(fetch_rows(rows, settings.fetch, tmp_tar))
+            with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
+                kept = self._keep_final_rows(context, spool) if context.previous else {}
+                to_fetch = [row for row in rows if row.row not in kept]
+                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
+                records = [{**kept, **fetched}[row.row] for row in rows]
+                mark_duplicates(records, shard.shard_id, context.dedup)
+                write_tar(records, spool, tmp_tar)
             tar_ref = store.describe(tar_path, tmp_tar)
         with store.publish(parquet_path) as tmp_parquet:
             write_parquet(records, FETCH_SCHEMA, tmp_parquet)
             parquet_ref = store.describe(parquet_path, tmp_parquet)
-        counts = Counter(record["status"] for record in records)
+        statuses = Counter(record["status"] for record in records)
         return StageResult(
             counts={
                 "rows": len(records),
-                **dict(sorted(counts.items())),
+                **dict(sorted(statuses.items())),
                 "bytes": sum(r["bytes"] or 0 for r in records if r["status"] == "ok"),
+                "fetched": len(to_fetch),
+                "reused": len(kept),
             },
             artifacts={TAR_NAME: tar_ref, PARQUET_NAME: parquet_ref},
+            warnings=error_rate_warnings(statuses, limits.warn_error_rate),
         )
 
+    @staticmethod
+    def _keep_final_rows(context: StageContext, spool: Spool) -> dict[int, dict[str, Any]]:
+        """Rows of the previous outputs whose status is final, their bytes into the spool."""
+        store, shard_id = context.store, context.shard.shard_id
+        with store.open(store.shard_path(shard_id, PARQUET_NAME)) as handle:
+            previous = pq.read_table(handle).to_pylist()
+        kept = {
+            record["row"]: record
+            for record in previous
+            if not retry_later(record["status"], record["http_status"])
+        }
+        with (
+            store.open(store.shard_path(shard_id, TAR_NAME)) as handle,
+            tarfile.open(fileobj=handle, mode="r|") as tar,
+        ):
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext != "json" and int(key) in kept:
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    spool.add(int(key), extracted.read())
+        # an ok row whose bytes are missing from the tar cannot be kept as ok
+        return {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
 
-async def fetch_rows(rows: list[SourceRow], limits: FetchSettings, tar_path: Path) -> list[dict]:
-    """Download and check every row; write kept images to a webdataset tar in row order.
 
-    Bodies are appended to a local spool file as they arrive (memory stays bounded by the
-    number of downloads in flight) and copied into the tar in row order at the end, so the
-    tar is reproducible and, among rows with the same bytes, the first row keeps the image.
-    Returns one record per row, in row order.
+async def fetch_rows(
+    rows: list[SourceRow], limits: FetchSettings, spool: Spool
+) -> dict[int, dict[str, Any]]:
+    """Download and check `rows`, spooling the bytes of images we keep; records by row.
+
+    Memory is bounded by the downloads in flight (`concurrency` x `max_bytes`), not by the
+    number of rows: bodies go to the spool as soon as they are checked.
     """
     records: dict[int, dict[str, Any]] = {}
-    spooled: dict[int, tuple[int, int, str]] = {}  # row -> (offset, length, extension)
     queue: asyncio.Queue[SourceRow] = asyncio.Queue()
     for row in rows:
         queue.put_nowait(row)
     loop = asyncio.get_running_loop()
-    spool_path = tar_path.with_name(tar_path.name + ".spool")
-    try:
-        with (
-            ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder,
-            open(spool_path, "w+b") as spool,
-        ):
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder:
 
-            async def worker() -> None:
-                while not queue.empty():
-                    row = queue.get_nowait()
-                    download = await downloader.get(row.url)
-                    record = _record(row, download.status, download.error)
-                    record.update(http_status=download.http_status, attempts=download.attempts)
-                    if download.status == "ok":
-                        body = download.body or b""
-                        check = await loop.run_in_executor(
-                            decoder, check_image, body, limits.max_pixels
-                        )
-                        record.update(
-                            status=check.status,
-                            error=check.error,
-                            bytes=len(body),
-                            sha256=hashlib.sha256(body).hexdigest(),
-                            width=check.width,
-                            height=check.height,
-                            format=check.format,
-                            mode=check.mode,
-                            exif_orientation=check.exif_orientation,
-                        )
-                        if check.status == "ok":
-                            spooled[row.row] = (spool.tell(), len(body), check.extension or "bin")
-                            spool.write(body)
-                    records[row.row] = record
+        async def worker() -> None:
+            while not queue.empty():
+                row = queue.get_nowait()
+                download = await downloader.get(row.url)
+                record = _record(row, download.status, download.error)
+                record.update(http_status=download.http_status, attempts=download.attempts)
+                if download.status == "ok":
+                    body = download.body or b""
+                    # Pillow releases the GIL while decoding: checks run beside the loop.
+                    check = await loop.run_in_executor(
+                        decoder, check_image, body, limits.max_pixels
+                    )
+                    record.update(
+                        status=check.status,
+                        error=check.error,
+                        bytes=len(body),
+                        sha256=hashlib.sha256(body).hexdigest(),
+                        width=check.width,
+                        height=check.height,
+                        format=check.format,
+                        mode=check.mode,
+                        exif_orientation=check.exif_orientation,
+                    )
+                    if check.status == "ok":
+                        spool.add(row.row, body)
+                records[row.row] = record
 
-            async with Downloader(limits) as downloader:
-                workers = min(limits.concurrency, max(1, len(rows)))
-                await asyncio.gather(*(worker() for _ in range(workers)))
-            _write_tar_in_row_order(rows, records, spooled, spool, tar_path)
-    finally:
-        spool_path.unlink(missing_ok=True)
-    return [records[row.row] for row in rows]
+        async with Downloader(limits) as downloader:
+            workers = min(limits.concurrency, max(1, len(rows)))
+            await asyncio.gather(*(worker() for _ in range(workers)))
+    return records
 
 
-def _write_tar_in_row_order(
-    rows: list[SourceRow],
-    records: dict[int, dict[str, Any]],
-    spooled: dict[int, tuple[int, int, str]],
-    spool: Any,
-    tar_path: Path,
-) -> None:
-    first_key_by_sha: dict[str, str] = {}
+def mark_duplicates(records: list[dict[str, Any]], shard_id: str, dedup: DedupIndex) -> None:
+    """Keep each image's bytes once: the first row in this shard, unless another shard
+    registered the same sha256 first. The others become `duplicate` with `duplicate_of`."""
+    first_in_shard: dict[str, str] = {}
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        sha = record["sha256"]
+        if sha in first_in_shard:
+            record.update(status="duplicate", duplicate_of=f"{shard_id}/{first_in_shard[sha]}")
+        else:
+            first_in_shard[sha] = record["key"]
+    owners = dedup.claim(shard_id, [(sha, key) for sha, key in first_in_shard.items()])
+    for record in records:
+        if record["status"] == "ok":
+            owner = owners[record["sha256"]]
+            if owner != (shard_id, record["key"]):
+                record.update(status="duplicate", duplicate_of=f"{owner[0]}/{owner[1]}")
+
+
+def write_tar(records: list[dict[str, Any]], spool: Spool, tar_path: Path) -> None:
     with WebDatasetWriter(tar_path) as tar:
-        for row in rows:
-            if row.row not in spooled:
-                continue
-            record = records[row.row]
-            if record["sha256"] in first_key_by_sha:
-                record.update(
-                    status="duplicate", error=f"same bytes as {first_key_by_sha[record['sha256']]}"
-                )
-                continue
-            first_key_by_sha[record["sha256"]] = row.key
-            offset, length, extension = spooled[row.row]
-            spool.seek(offset)
-            tar.write_json(row.key, spool.read(length), extension, _meta(record))
+        for record in records:
+            if record["status"] == "ok":
+                extension = EXTENSIONS.get(record["format"], "bin")
+                tar.write_json(record["key"], spool.read(record["row"]), extension, _meta(record))
+
+
+def error_rate_warnings(statuses: Counter[str], threshold: float) -> list[str]:
+    rows = sum(statuses.values())
+    failed = {s: n for s, n in statuses.items() if s not in KEPT | POLICY}
+    share = sum(failed.values()) / rows if rows else 0.0
+    if share <= threshold:
+        return []
+    breakdown = ", ".join(f"{status} {n}" for status, n in sorted(failed.items()))
+    return [f"{share:.0%} of rows failed (over {threshold:.0%}): {breakdown}"]
 
 
 def _record(row: SourceRow, status: str, error: str | None) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class StageState:
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_error: str | None = None
     fingerprint: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def worker_name() -> str:
@@ -251,14 +252,15 @@ class ShardState:
             attempt = previous.attempt + 1
             conn.execute(
                 sa.text(
+                    # The row's fingerprint keeps describing its artifacts until `done`.
                     "INSERT INTO shard_stages (shard_id, stage, status, attempt, worker,"
-                    " started_at, finished_at, fingerprint, last_error, updated_at)"
-                    " VALUES (:s, :t, 'running', :a, :w, now(), NULL, :f, NULL, now())"
+                    " started_at, finished_at, last_error, updated_at)"
+                    " VALUES (:s, :t, 'running', :a, :w, now(), NULL, NULL, now())"
                     " ON CONFLICT (shard_id, stage) DO UPDATE SET status = 'running',"
                     " attempt = :a, worker = :w, started_at = now(), finished_at = NULL,"
-                    " fingerprint = :f, last_error = NULL, updated_at = now()"
+                    " last_error = NULL, updated_at = now()"
                 ),
-                {"s": shard_id, "t": stage, "a": attempt, "w": worker, "f": fingerprint},
+                {"s": shard_id, "t": stage, "a": attempt, "w": worker},
             )
             self._event(
                 conn, shard_id, stage, attempt, "started", worker=worker, fingerprint=fingerprint
@@ -273,6 +275,7 @@ class ShardState:
         counts: dict[str, Any],
         artifacts: dict[str, dict[str, Any]],
         fingerprint: str,
+        warnings: list[str] | None = None,
     ) -> None:
         self._finish(
             shard_id,
@@ -282,6 +285,7 @@ class ShardState:
             counts=counts,
             artifacts=artifacts,
             fingerprint=fingerprint,
+            warnings=warnings or [],
         )
 
     def mark_failed(self, shard_id: str, stage: str, attempt: int, error: str) -> None:
@@ -298,6 +302,7 @@ class ShardState:
         artifacts: dict[str, dict[str, Any]] | None = None,
         fingerprint: str | None = None,
         error: str | None = None,
+        warnings: list[str] | None = None,
     ) -> None:
         with self.engine.begin() as conn:
             started = conn.execute(
@@ -306,7 +311,7 @@ class ShardState:
                     " counts = COALESCE(CAST(:c AS jsonb), counts),"
                     " artifacts = COALESCE(CAST(:a AS jsonb), artifacts),"
                     " fingerprint = COALESCE(:f, fingerprint), last_error = :e,"
-                    " updated_at = now()"
+                    " warnings = COALESCE(CAST(:w AS jsonb), warnings), updated_at = now()"
                     " WHERE shard_id = :s AND stage = :t AND attempt = :n"
                     " RETURNING worker, started_at, finished_at"
                 ),
@@ -316,6 +321,7 @@ class ShardState:
                     "a": json.dumps(artifacts) if artifacts is not None else None,
                     "f": fingerprint,
                     "e": error,
+                    "w": json.dumps(warnings) if warnings is not None else None,
                     "s": shard_id,
                     "t": stage,
                     "n": attempt,
@@ -336,6 +342,7 @@ class ShardState:
                 artifacts=artifacts,
                 error=error,
                 fingerprint=fingerprint,
+                warnings=warnings,
             )
 
     @staticmethod
@@ -354,17 +361,18 @@ class ShardState:
             "artifacts": None,
             "error": None,
             "fingerprint": None,
+            "warnings": None,
             **fields,
         }
-        for key in ("counts", "artifacts"):
+        for key in ("counts", "artifacts", "warnings"):
             if values[key] is not None:
                 values[key] = json.dumps(values[key])
         conn.execute(
             sa.text(
                 "INSERT INTO stage_events (shard_id, stage, attempt, event, worker, duration_s,"
-                " counts, artifacts, error, fingerprint) VALUES (:s, :t, :n, :ev, :worker,"
-                " :duration_s, CAST(:counts AS jsonb), CAST(:artifacts AS jsonb), :error,"
-                " :fingerprint)"
+                " counts, artifacts, error, fingerprint, warnings) VALUES (:s, :t, :n, :ev,"
+                " :worker, :duration_s, CAST(:counts AS jsonb), CAST(:artifacts AS jsonb),"
+                " :error, :fingerprint, CAST(:warnings AS jsonb))"
             ),
             {"s": shard_id, "t": stage, "n": attempt, "ev": event, **values},
         )
@@ -381,3 +389,42 @@ class ShardState:
                     {"s": shard_id, "t": stage},
                 ).mappings()
             ]
+
+
+class ImageHashIndex:
+    """Cross-shard dedup over `image_hashes`: the first (shard, key) to keep each sha256."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+        shas = [sha for sha, _ in candidates]
+        keys = [key for _, key in candidates]
+        with self.engine.begin() as conn:
+            # The shard's own entries follow its current output: drop what it no longer keeps,
+            # and move an entry to the key that keeps those bytes now.
+            conn.execute(
+                sa.text(
+                    "DELETE FROM image_hashes WHERE shard_id = :shard"
+                    " AND NOT (sha256 = ANY(CAST(:shas AS text[])))"
+                ),
+                {"shard": shard_id, "shas": shas},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO image_hashes (sha256, shard_id, key)"
+                    " SELECT sha, :shard, key FROM"
+                    " unnest(CAST(:shas AS text[]), CAST(:keys AS text[])) AS c(sha, key)"
+                    " ON CONFLICT (sha256) DO UPDATE SET key = EXCLUDED.key"
+                    " WHERE image_hashes.shard_id = EXCLUDED.shard_id"
+                ),
+                {"shard": shard_id, "shas": shas, "keys": keys},
+            )
+            rows = conn.execute(
+                sa.text(
+                    "SELECT sha256, shard_id, key FROM image_hashes"
+                    " WHERE sha256 = ANY(CAST(:shas AS text[]))"
+                ),
+                {"shas": shas},
+            )
+            return {row.sha256: (row.shard_id, row.key) for row in rows}
