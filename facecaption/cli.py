@@ -51,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--source", action="append", default=[], help="plan and run this source")
     run.add_argument("--shard", action="append", default=[], help="run only this shard id")
     run.add_argument("--stage", action="append", default=[], help="stages to run (default all)")
-    run.add_argument("--force", action="store_true", help="re-run shards that are done")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run shards that are done (fetch keeps final rows and retries transient ones)",
+    )
+    run.add_argument(
+        "--jobs", type=int, default=1, help="shards run at once, one process each (e.g. cores)"
+    )
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="shards x stages table with counts")
@@ -112,21 +119,23 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline
+    from facecaption.pipeline import Pipeline, run_shards
 
-    with Pipeline.open() as pipeline:
+    settings = Settings()
+    with Pipeline.open(settings) as pipeline:
         stages = args.stage or pipeline.stage_names
         shard_ids = pipeline.select_shards(args.source, args.shard)
-        failures = 0
-        for shard_id in shard_ids:
-            for stage in stages:
-                try:
-                    outcome = pipeline.run(stage, shard_id, force=args.force)
-                except Exception as error:  # the state DB has it; report and go on
-                    print(f"{shard_id} {stage}: failed: {error}", file=sys.stderr)
-                    failures += 1
-                    break
-                print(f"{shard_id} {stage}: {outcome.status} {json.dumps(outcome.counts)}")
+    failures = 0
+    for shard_run in run_shards(settings, shard_ids, stages, force=args.force, jobs=args.jobs):
+        for outcome in shard_run.outcomes:
+            print(
+                f"{outcome.shard_id} {outcome.stage}: {outcome.status} {json.dumps(outcome.counts)}"
+            )
+            for warning in outcome.warnings:
+                print(f"{outcome.shard_id} {outcome.stage}: warning: {warning}")
+        if shard_run.error:
+            print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)
+            failures += 1
     return 1 if failures else 0
 
 

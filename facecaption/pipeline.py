@@ -6,7 +6,10 @@ shards, run a stage on a shard, and report shard x stage status.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +105,50 @@ class Pipeline:
             )
             for shard in shards
         ]
+
+
+@dataclass(frozen=True)
+class ShardRun:
+    """What running some stages on one shard came to: outcomes, and the error that stopped it."""
+
+    shard_id: str
+    outcomes: list[StageOutcome]
+    error: str | None = None
+
+
+def run_shard(settings: Settings, shard_id: str, stages: list[str], force: bool) -> ShardRun:
+    """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)."""
+    outcomes = []
+    with Pipeline.open(settings) as pipeline:
+        for stage in stages:
+            try:
+                outcomes.append(pipeline.run(stage, shard_id, force=force))
+            except Exception as error:  # the state DB has the failure; report it and stop
+                return ShardRun(shard_id, outcomes, f"{stage}: {type(error).__name__}: {error}")
+    return ShardRun(shard_id, outcomes)
+
+
+def run_shards(
+    settings: Settings,
+    shard_ids: list[str],
+    stages: list[str],
+    *,
+    force: bool = False,
+    jobs: int = 1,
+) -> Iterator[ShardRun]:
+    """Run stages on shards, `jobs` shards at a time in separate processes (one per core is
+    the usual choice: each process downloads with many connections of its own)."""
+    if jobs <= 1:
+        for shard_id in shard_ids:
+            yield run_shard(settings, shard_id, stages, force)
+        return
+    # spawn: a forked child would inherit the parent's DB connections and event loop state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(run_shard, settings, shard_id, stages, force) for shard_id in shard_ids
+        ]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def status_totals(rows: list[ShardStatusRow]) -> dict[str, dict[str, Any]]:

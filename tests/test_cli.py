@@ -92,3 +92,18 @@ def test_demo_runs_the_build_dag_and_prints_the_summary(tmp_path, settings_env):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fetch: 3 done" in done.stdout
     assert str(tmp_path / "home" / "artifacts") in done.stdout
+
+
+def test_run_with_jobs_fetches_shards_in_worker_processes(
+    tmp_path, cli_env, sample, sample_site, capsys
+):
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    assert main(["run", "--source", str(source), "--jobs", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fetch: done" in line]
+    assert len(lines) == 3
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    workers = {shard["stages"]["fetch"]["worker"] for shard in status["shards"]}
+    assert all(not worker.endswith(f":{os.getpid()}") for worker in workers), (
+        "shards ran in worker processes, not in the CLI's own"
+    )
