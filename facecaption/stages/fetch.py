@@ -149,7 +149,8 @@ class FetchStage:
                 kept = self._keep_final_rows(context, spool) if context.previous else {}
                 to_fetch = [row for row in rows if row.row not in kept]
                 fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
-                records = [{**kept, **fetched}[row.row] for row in rows]
+                by_row = {**kept, **fetched}
+                records = [by_row[row.row] for row in rows]
                 mark_duplicates(records, shard.shard_id, context.dedup)
                 write_tar(records, spool, tmp_tar)
             tar_ref = store.describe(tar_path, tmp_tar)
