@@ -10,8 +10,9 @@ Every hop of a download (redirects are followed here, not by aiohttp) is checked
 scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
 waits for a per-host slot (see `hosts`). Response headers are read before the body: an error
 status, an `X-Robots-Tag` opt-out or a too-large Content-Length ends the download without
-reading the body; otherwise the body streams in under `max_bytes`. One deadline covers an
-attempt, redirects and trickling bodies included.
+reading the body; otherwise the body streams in under `max_bytes`. One deadline covers the
+time on the wire of an attempt, redirects and trickling bodies included (time queued for a
+host's slot or pause does not count).
 
 Timeouts, connection failures, 408/425/429 and 5xx are retried within the run with
 exponential backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead.
@@ -143,16 +144,19 @@ class Downloader:
         return url
 
     async def _attempt(
-        self, url: URL, max_bytes: int, *, check_robots: bool, truncate: bool = False
+        self,
+        url: URL,
+        max_bytes: int,
+        *,
+        check_robots: bool,
+        truncate: bool = False,
+        deadline_s: float | None = None,
     ) -> Download:
-        """One try, redirects included, under one deadline. With `truncate`, a body over
-        `max_bytes` is cut there instead of refused."""
+        """One try, redirects included. With `truncate`, a body over `max_bytes` is cut there
+        instead of refused."""
         try:
-            async with asyncio.timeout(self.limits.total_timeout_s):
-                return await self._follow(url, max_bytes, check_robots, truncate)
-        except TimeoutError:
-            return Download(
-                "timeout", error=f"no complete answer in {self.limits.total_timeout_s}s"
+            return await self._follow(
+                url, max_bytes, check_robots, truncate, deadline_s or self.limits.total_timeout_s
             )
         except BlockedAddressError as error:
             return Download("blocked_address", error=str(error))
@@ -166,22 +170,32 @@ class Downloader:
             return Download("connection_error", error=f"{type(error).__name__}: {error}")
 
     async def _follow(
-        self, url: URL, max_bytes: int, check_robots: bool, truncate: bool
+        self, url: URL, max_bytes: int, check_robots: bool, truncate: bool, deadline_s: float
     ) -> Download:
+        """Request `url` and the redirects it leads to. The deadline counts time on the wire
+        (connect, wait, body) over all hops, not time queued for a host's slot or pause."""
         assert self._session is not None, "use Downloader as an async context manager"
+        loop = asyncio.get_running_loop()
+        remaining = deadline_s
         status = None
         for _hop in range(self.limits.max_redirects + 1):
             refused = await self._refuse(url, check_robots)
             if refused is not None:
                 return refused
-            async with (
-                self.hosts.slot(url.host or ""),
-                self._session.get(url, allow_redirects=False) as response,
-            ):
-                status = response.status
-                location = response.headers.get("Location")
-                if status not in REDIRECTS or not location:
-                    return await self._read(url, response, max_bytes, truncate)
+            async with self.hosts.slot(url.host or ""):
+                started = loop.time()
+                try:
+                    async with (
+                        asyncio.timeout(remaining),
+                        self._session.get(url, allow_redirects=False) as response,
+                    ):
+                        status = response.status
+                        location = response.headers.get("Location")
+                        if status not in REDIRECTS or not location:
+                            return await self._read(url, response, max_bytes, truncate)
+                except TimeoutError:
+                    return Download("timeout", error=f"no complete answer in {deadline_s}s")
+                remaining -= loop.time() - started
             target = self._parse(str(url.join(URL(location))))
             if isinstance(target, Download):
                 return replace(target, http_status=status, error=f"redirect: {target.error}")
@@ -202,7 +216,10 @@ class Downloader:
                 return Download("blocked_address", error=f"{address} is {reason}")
         else:
             try:
-                await self._resolver.resolve(host, url.port or 0, socket.AF_UNSPEC)
+                async with asyncio.timeout(self.limits.connect_timeout_s):
+                    await self._resolver.resolve(host, url.port or 0, socket.AF_UNSPEC)
+            except TimeoutError:
+                return Download("dns_error", error=f"{host}: no answer in time")
             except BlockedAddressError as error:
                 return Download("blocked_address", error=str(error))
             except OSError as error:
@@ -236,7 +253,13 @@ class Downloader:
             return Download("opted_out", http_status=status, error=f"X-Robots-Tag: {directive}")
         declared = response.content_length
         if truncate:
-            return Download("ok", await response.content.read(max_bytes), http_status=status)
+            head = bytearray()
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                head += chunk[: max_bytes - len(head)]
+                if len(head) >= max_bytes:
+                    response.close()
+                    break
+            return Download("ok", bytes(head), http_status=status)
         if declared is not None and declared > max_bytes:
             response.close()
             return Download(
@@ -267,13 +290,13 @@ class Downloader:
         a network failure is reported as itself, since the image would meet it too. Only the
         first `robots_max_bytes` are read (the RFC asks for at least 500 KiB)."""
         robots_url = origin.with_path("/robots.txt")
-        try:
-            async with asyncio.timeout(self.limits.robots_timeout_s):
-                result = await self._attempt(
-                    robots_url, self.limits.robots_max_bytes, check_robots=False, truncate=True
-                )
-        except TimeoutError:
-            result = Download("timeout", error=f"no answer in {self.limits.robots_timeout_s}s")
+        result = await self._attempt(
+            robots_url,
+            self.limits.robots_max_bytes,
+            check_robots=False,
+            truncate=True,
+            deadline_s=self.limits.robots_timeout_s,
+        )
         if result.status == "ok":
             return RobotsTxt.parse((result.body or b"").decode("utf-8", errors="replace"))
         if result.status == "http_error" and (result.http_status or 500) < 500:
