@@ -44,7 +44,12 @@ class FetchSettings(BaseModel):
     total_timeout_s: float = Field(
         30.0, gt=0, description="deadline for one download attempt, redirects included"
     )
-    retries: int = Field(2, ge=0, description="extra attempts for transient failures")
+    retries: int = Field(
+        2, ge=0, description="extra attempts for resets, 5xx and 429 (quick failures)"
+    )
+    timeout_retries: int = Field(
+        0, ge=0, description="extra attempts after a timeout; each costs a full deadline"
+    )
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(8.0, ge=0)
     retry_after_max_s: float = Field(

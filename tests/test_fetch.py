@@ -175,3 +175,21 @@ def test_fetch_handles_empty_and_single_row_shards(tmp_path, settings, size):
             return
         table, samples, _ = fetch_source(settings, source)
     assert table.column("status").to_pylist() == ["ok"] and len(samples) == 1
+
+
+@pytest.mark.parametrize("timeout_retries", [0, 1])
+def test_timeouts_have_their_own_retry_budget(tmp_path, settings, timeout_retries):
+    body = encode(Image.new("RGB", (16, 16), "red"), "PNG")
+    routes = {"slow.png": Route(body, "image/png", delay_s=2)}
+    limits = settings.fetch.model_copy(
+        update={"retries": 3, "timeout_retries": timeout_retries, "total_timeout_s": 0.5}
+    )
+    with SampleSite(routes) as site:
+        table, _, _ = fetch_source(
+            settings.model_copy(update={"fetch": limits}),
+            routes_source(tmp_path, site, list(routes)),
+        )
+        hits = site.hits["slow.png"]
+    [row] = table.to_pylist()
+    assert row["status"] == "timeout"
+    assert row["attempts"] == hits == timeout_retries + 1

@@ -40,6 +40,7 @@ TAR_NAME = "fetch.tar"
 PARQUET_NAME = "fetch.parquet"
 KEPT = frozenset({"ok", "duplicate"})
 POLICY = frozenset({"opted_out", "robots_disallowed", "blocked_address"})
+WORKERS_PER_CONNECTION = 4
 
 FETCH_SCHEMA = pa.schema(
     [
@@ -200,14 +201,16 @@ async def fetch_rows(
 ) -> dict[int, dict[str, Any]]:
     """Download and check `rows`, spooling the bytes of images we keep; records by row.
 
-    Memory is bounded by the downloads in flight (`concurrency` x `max_bytes`), not by the
-    number of rows: bodies go to the spool as soon as they are checked.
+    Memory is bounded by settings, not by the number of rows: at most `concurrency` bodies
+    downloading and `concurrency` waiting for their check (each under `max_bytes`); bodies go
+    to the spool as soon as they are checked.
     """
     records: dict[int, dict[str, Any]] = {}
     queue: asyncio.Queue[SourceRow] = asyncio.Queue()
     for row in rows:
         queue.put_nowait(row)
     loop = asyncio.get_running_loop()
+    checking = asyncio.Semaphore(limits.concurrency)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder:
 
         async def worker() -> None:
@@ -218,10 +221,12 @@ async def fetch_rows(
                 record.update(http_status=download.http_status, attempts=download.attempts)
                 if download.status == "ok":
                     body = download.body or b""
-                    # Pillow releases the GIL while decoding: checks run beside the loop.
-                    check = await loop.run_in_executor(
-                        decoder, check_image, body, limits.max_pixels
-                    )
+                    # Pillow releases the GIL while decoding: checks run beside the loop,
+                    # and at most `concurrency` bodies wait for theirs.
+                    async with checking:
+                        check = await loop.run_in_executor(
+                            decoder, check_image, body, limits.max_pixels
+                        )
                     record.update(
                         status=check.status,
                         error=check.error,
@@ -238,7 +243,9 @@ async def fetch_rows(
                 records[row.row] = record
 
         async with Downloader(limits) as downloader:
-            workers = min(limits.concurrency, max(1, len(rows)))
+            # More workers than connections: a worker waiting for a busy or paused host holds
+            # no connection (the downloader's connector limits those), so other hosts go on.
+            workers = min(limits.concurrency * WORKERS_PER_CONNECTION, max(1, len(rows)))
             await asyncio.gather(*(worker() for _ in range(workers)))
     return records
 

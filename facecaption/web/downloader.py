@@ -14,8 +14,10 @@ reading the body; otherwise the body streams in under `max_bytes`. One deadline 
 time on the wire of an attempt, redirects and trickling bodies included (time queued for a
 host's slot or pause does not count).
 
-Timeouts, connection failures, 408/425/429 and 5xx are retried within the run with
-exponential backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead.
+Connection failures, 408/425/429 and 5xx are retried within the run with exponential
+backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead. Timeouts have
+their own budget (`timeout_retries`, 0 by default): each costs a full deadline, so they are
+usually better left to the per-URL retry of a later run.
 Everything else is final at the first answer. `retry_later` says which statuses a later run
 should try again.
 """
@@ -118,7 +120,10 @@ class Downloader:
         while True:
             attempt += 1
             result = await self._attempt(url, self.limits.max_bytes, check_robots=True)
-            if not result.retry_now or attempt > self.limits.retries:
+            budget = (
+                self.limits.timeout_retries if result.status == "timeout" else self.limits.retries
+            )
+            if not result.retry_now or attempt > budget:
                 return replace(result, attempts=attempt)
             if result.retry_after_s is not None:
                 if result.retry_after_s > self.limits.retry_after_max_s:
