@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -91,6 +91,39 @@ class FetchSettings(BaseModel):
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
 
 
+class DetectSettings(BaseModel):
+    """Face detection and alignment. Paper defaults: score > 0.98, both sides >= 128 px."""
+
+    backend: Literal["insightface", "cascade"] = Field(
+        "insightface",
+        description="insightface: RetinaFace/SCRFD ONNX from the model cache (production);"
+        " cascade: OpenCV's frontal-face cascade (CPU, offline, lower quality)",
+    )
+    model_pack: str = Field("buffalo_l", description="insightface model pack in the cache")
+    model_path: str | None = Field(None, description="an explicit detector .onnx (overrides)")
+    input_size: int = Field(640, ge=32, description="detector input side, letterboxed")
+    batch_size: int = Field(8, ge=1, description="images per inference call when batchable")
+    min_score: float = Field(0.98, ge=0, le=1, description="insightface score to keep a face")
+    cascade_min_score: float = Field(
+        3.0, description="cascade level weight to keep a face (not comparable to min_score)"
+    )
+    nms_threshold: float = Field(0.4, ge=0, le=1)
+    min_face_px: int = Field(128, ge=1, description="a kept face's box is this big on both sides")
+    max_faces_per_image: int = Field(0, ge=0, description="0: no cap; else the N best scores")
+    crop_format: Literal["png", "jpeg"] = Field(
+        "png", description="aligned crops: png is lossless, jpeg is quality 95 with 4:4:4"
+    )
+    max_pixels: int = Field(89_478_485, ge=1, description="larger images are not decoded")
+    providers: list[str] | None = Field(
+        None, description="onnxruntime providers; unset: CUDA when available, else CPU"
+    )
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "providers")
+
+    def output_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
@@ -106,6 +139,10 @@ class Settings(BaseSettings):
     shard_size: int = Field(10_000, ge=1, description="source rows per shard")
     columns: SourceColumns = SourceColumns()
     fetch: FetchSettings = FetchSettings()
+    detect: DetectSettings = DetectSettings()
+    models_dir: Path | None = Field(
+        None, description="model cache (`facecaption models pull`); unset: {home}/models"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -125,6 +162,10 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return (self.models_dir or self.home_dir / "models").expanduser().resolve()
 
     @property
     def artifact_root(self) -> str:
