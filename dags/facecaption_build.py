@@ -1,5 +1,6 @@
-"""Build DAG: plan the source, then one mapped task group per shard (fetch for now), then a
-summary. All logic lives in the `facecaption` package; this file only wires it up."""
+"""Build DAG: plan the source, then one mapped task group per shard (fetch on CPU workers,
+then detect on GPU workers), then a summary. All logic lives in the `facecaption` package;
+this file only wires it up."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task, task_group
-from facecaption_operators import ShardStageOperator
+from facecaption_operators import GpuShardStageOperator, ShardStageOperator
 
 
 @dag(
@@ -62,13 +63,21 @@ def facecaption_build() -> None:
 
     @task_group
     def process_shard(shard_id: str) -> None:
-        ShardStageOperator(
+        fetch = ShardStageOperator(
             task_id="fetch",
             stage="fetch",
             shard_id=shard_id,
             force="{{ params.force }}",
             map_index_template="{{ task.shard_id }}",
         )
+        detect = GpuShardStageOperator(
+            task_id="detect",
+            stage="detect",
+            shard_id=shard_id,
+            force="{{ params.force }}",
+            map_index_template="{{ task.shard_id }}",
+        )
+        fetch >> detect
 
     @task(trigger_rule="all_done")
     def summary(shard_ids: list[str]) -> dict[str, Any]:

@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
+    models = commands.add_parser("models", help="the model cache: pull and list real weights")
+    model_commands = models.add_subparsers(metavar="ACTION", required=True)
+    pull = model_commands.add_parser(
+        "pull", help="download a model into the cache and verify its sha256 (needs internet)"
+    )
+    pull.add_argument("kind", choices=["detector"], help="which model")
+    pull.add_argument("--pack", default=None, help="insightface pack (default: the setting)")
+    pull.add_argument("--url", default=None, help="download from here instead")
+    pull.add_argument("--sha256", default=None, help="the archive's expected sha256 (pin)")
+    pull.set_defaults(handler=_models_pull)
+    model_commands.add_parser("list", help="what the cache holds").set_defaults(
+        handler=_models_list
+    )
+
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(handler=_config)
 
@@ -146,6 +160,42 @@ def _status(args: argparse.Namespace) -> int:
     with Pipeline.open() as pipeline:
         rows = pipeline.status(args.shard)
     print(json.dumps(status_json(rows), indent=2) if args.json else format_status(rows))
+    return 0
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from facecaption.models.cache import ModelCache
+
+    settings = Settings()
+    cache = ModelCache(settings.model_cache_dir)
+    pack = args.pack or settings.detect.model_pack
+    folder = cache.pull(pack, url=args.url, sha256=args.sha256)
+    entry = cache.manifest()[pack]
+    print(f"{pack}: installed in {folder}")
+    print(
+        f"archive sha256 {entry['archive_sha256']}"
+        + (
+            ""
+            if entry["pinned"]
+            else " (not pinned: recorded now, later pulls must match; pin it with --sha256)"
+        )
+    )
+    for name, digest in entry["files"].items():
+        print(f"  {name}  {digest}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from facecaption.models.cache import ModelCache
+
+    cache = ModelCache(Settings().model_cache_dir)
+    entries = cache.manifest()
+    if not entries:
+        print(f"the model cache {cache.root} is empty: `facecaption models pull detector`")
+    for pack, entry in sorted(entries.items()):
+        print(f"{pack}: {entry['url']} sha256 {entry['archive_sha256']}")
+        for name, digest in entry["files"].items():
+            print(f"  {name}  {digest}")
     return 0
 
 

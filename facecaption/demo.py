@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import facecaption
+from facecaption.models.detector import ModelNotFoundError
+from facecaption.models.detectors import detector_model_file
 from facecaption.pipeline import Pipeline
 from facecaption.report import format_status
 from facecaption.sampledata import routes_for, sample_rows, write_source
@@ -53,6 +55,17 @@ def airflow_env(airflow_home: Path, root: Path, facecaption_env: dict[str, str])
     return env
 
 
+def demo_detector_backend(settings: Settings) -> str:
+    """insightface when its model pack is in the cache, else the offline OpenCV cascade."""
+    if settings.detect.backend == "cascade":
+        return "cascade"
+    try:
+        detector_model_file(settings)
+    except ModelNotFoundError:
+        return "cascade"
+    return "insightface"
+
+
 def _free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
@@ -74,6 +87,7 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         "FACECAPTION_SHARD_SIZE": str(shard_size),
         # the sample site is on loopback, which downloads may not reach otherwise
         "FACECAPTION_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+        "FACECAPTION_DETECT__BACKEND": demo_detector_backend(settings),
     }
     env = airflow_env(airflow_home, root, facecaption_env)
     rows = sample_rows()
@@ -83,6 +97,8 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         with open(log_path, "w") as log:
             print(f"airflow: migrating its metadata DB in {airflow_home} ...")
             _airflow(["db", "migrate"], env, log)
+            _airflow(["pools", "set", "gpu", "1", "GPU stages"], env, log)
+            print(f"detector: {env['FACECAPTION_DETECT__BACKEND']}")
             print(f"airflow: dags test {DAG_ID} (log: {log_path}) ...")
             conf = {"source": str(source), "shard_ids": [], "force": False}
             _airflow(["dags", "test", DAG_ID, "--conf", json.dumps(conf)], env, log)
@@ -97,7 +113,12 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         print(f"artifacts: {pipeline.store.uri(pipeline.store.root)}/shards/<shard>/")
         print(f"state DB:  {db_url}")
         print("see also:  facecaption status")
-    unfinished = [row.shard_id for row in status if row.stages["fetch"].status != "done"]
+    unfinished = [
+        f"{row.shard_id} {stage}"
+        for row in status
+        for stage, state in row.stages.items()
+        if state.status != "done"
+    ]
     if unfinished:
         print(f"not done: {unfinished}; see {log_path}", file=sys.stderr)
         return 1

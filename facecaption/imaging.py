@@ -1,4 +1,5 @@
-"""Deciding whether downloaded bytes are an image we keep, with Pillow, without re-encoding.
+"""Images with Pillow: whether downloaded bytes are an image we keep (without re-encoding),
+and decoding kept images upright for the later stages.
 
 The format comes from the bytes (Pillow's magic-number sniffing), never from a Content-Type
 header. Pixel count is checked from the header before any decoding, as a guard against
@@ -13,7 +14,8 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXTENSIONS = {
     "JPEG": "jpg",
@@ -76,3 +78,60 @@ def check_image(body: bytes, max_pixels: int) -> ImageCheck:
         exif_orientation=int(orientation) if isinstance(orientation, int) else None,
         **described,
     )
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot become an upright RGB image (corrupt, truncated, or too many pixels)."""
+
+
+@dataclass(frozen=True)
+class UprightImage:
+    pixels: np.ndarray  # H x W x 3 uint8 RGB, EXIF orientation applied
+    raw_size: tuple[int, int]  # (width, height) of the image as stored, before orientation
+    orientation: int  # EXIF orientation (1 when absent)
+
+
+def decode_upright(body: bytes, max_pixels: int) -> UprightImage:
+    """Decode to upright 8-bit RGB: EXIF orientation applied, 16-bit scaled down, CMYK,
+    palette and alpha converted. The pixel count is checked before decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(body))
+            raw_size = image.size
+            if raw_size[0] * raw_size[1] > max_pixels:
+                raise ImageDecodeError(f"{raw_size[0]}x{raw_size[1]} exceeds {max_pixels} pixels")
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            if isinstance(error, ImageDecodeError):
+                raise
+            raise ImageDecodeError(str(error)) from error
+    return UprightImage(_to_rgb8(upright), raw_size, orientation if 1 <= orientation <= 8 else 1)
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.int64)
+        peak = 65535 if image.mode.startswith("I;16") else max(int(wide.max()), 1)
+        gray = (wide.clip(0, peak) * 255 // peak).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def upright_to_raw(points: np.ndarray, orientation: int, raw_size: tuple[int, int]) -> np.ndarray:
+    """Map (x, y) points from the upright image back to the stored pixel grid."""
+    width, height = raw_size
+    x, y = points[..., 0], points[..., 1]
+    mapped = {
+        1: (x, y),
+        2: (width - x, y),  # mirrored
+        3: (width - x, height - y),  # rotated 180
+        4: (x, height - y),  # flipped
+        5: (y, x),  # transposed
+        6: (y, height - x),  # stored rotated 90 counter-clockwise, shown clockwise
+        7: (width - y, height - x),  # transversed
+        8: (width - y, x),  # stored rotated 90 clockwise, shown counter-clockwise
+    }[orientation]
+    return np.stack(mapped, axis=-1)

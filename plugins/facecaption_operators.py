@@ -1,9 +1,9 @@
 """Airflow operators for facecaption stages: one stage on one shard, through the same
 `facecaption.pipeline.Pipeline.run` the CLI uses.
 
-`ShardStageOperator` runs on the default (CPU) queue. GPU stages (detect, attribute, in-process
-LLM captioning) will use `GpuShardStageOperator`, which routes to `queue="gpu"` and the `gpu`
-pool.
+`ShardStageOperator` runs on the default (CPU) queue. GPU stages (detect now; attribute and
+in-process LLM captioning next) use `GpuShardStageOperator`, which routes to `queue="gpu"` and
+the `gpu` pool; the stage loads its model once per task, i.e. once per shard.
 """
 
 from __future__ import annotations

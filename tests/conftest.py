@@ -134,6 +134,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
             "backoff_base_s": 0.05,
             "backoff_max_s": 0.2,
         },
+        detect={"backend": "cascade"},  # offline; tests that need the ONNX path build one
     )
 
 
@@ -146,10 +147,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
     }
-    for name, value in settings.fetch.model_dump(mode="json").items():
-        env[f"FACECAPTION_FETCH__{name.upper()}"] = (
-            json.dumps(value) if isinstance(value, list) else str(value)
-        )
+    for section in ("fetch", "detect"):
+        for name, value in getattr(settings, section).model_dump(mode="json").items():
+            if value is not None:
+                env[f"FACECAPTION_{section.upper()}__{name.upper()}"] = (
+                    json.dumps(value) if isinstance(value, list) else str(value)
+                )
     return env
 
 

@@ -52,6 +52,7 @@ class Stage(Protocol):
 
 def stage_registry() -> dict[str, Stage]:
     """Stages by name, in pipeline order."""
+    from facecaption.stages.detect import DetectStage
     from facecaption.stages.fetch import FetchStage
 
-    return {stage.name: stage for stage in (FetchStage(),)}
+    return {stage.name: stage for stage in (FetchStage(), DetectStage())}

@@ -1,0 +1,143 @@
+"""The model cache: where real weights live, how they get there, and how they are checked.
+
+`facecaption models pull detector` downloads an insightface model pack (a zip of ONNX files)
+into `{models_dir}/insightface/{pack}/`, streaming it to a temporary file while hashing it.
+The archive's sha256 is checked against a pin (the `--sha256` option, or the registry below
+when it has one) before anything is extracted; with no pin the hash is recorded on first
+download and every later pull must match it (trust on first use, said out loud). Extraction
+goes to a temporary folder renamed into place, so a killed pull leaves no half pack.
+`manifest.json` in the cache records url, archive sha256 and each file's sha256.
+
+Nothing here runs at import, and nothing downloads unless `pull` is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from facecaption.models.detector import ModelNotFoundError
+from facecaption.store import sha256_file
+
+_CHUNK = 1 << 20
+RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7"
+
+
+@dataclass(frozen=True)
+class ModelPack:
+    name: str
+    url: str
+    detector_file: str  # the RetinaFace/SCRFD model inside the pack
+    sha256: str | None = None  # the archive's, when pinned
+
+
+# insightface's public packs. Their archive checksums are not published upstream; pin the one
+# you downloaded with `--sha256` (or here) to make pulls reproducible.
+PACKS = {
+    pack.name: pack
+    for pack in (
+        ModelPack("buffalo_l", f"{RELEASES}/buffalo_l.zip", "det_10g.onnx"),
+        ModelPack("buffalo_m", f"{RELEASES}/buffalo_m.zip", "det_2.5g.onnx"),
+        ModelPack("buffalo_s", f"{RELEASES}/buffalo_s.zip", "det_500m.onnx"),
+        ModelPack("antelopev2", f"{RELEASES}/antelopev2.zip", "scrfd_10g_bnkps.onnx"),
+    )
+}
+
+
+class ModelChecksumError(ValueError):
+    """A download's sha256 differs from its pin or from the one recorded before."""
+
+
+class ModelCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def manifest(self) -> dict[str, dict]:
+        if not self.manifest_path.is_file():
+            return {}
+        return json.loads(self.manifest_path.read_text())
+
+    def pack_dir(self, pack: str) -> Path:
+        return self.root / "insightface" / pack
+
+    def detector_file(self, pack_name: str) -> Path:
+        """The detector ONNX of an installed pack, or a ModelNotFoundError saying what to do."""
+        pack = PACKS.get(pack_name)
+        folder = self.pack_dir(pack_name)
+        candidates = [folder / pack.detector_file] if pack else sorted(folder.glob("*.onnx"))
+        found = next((path for path in candidates if path.is_file()), None)
+        if found is None:
+            raise ModelNotFoundError(
+                f"no detector of model pack {pack_name!r} in {folder}: run"
+                f" `facecaption models pull detector --pack {pack_name}` on a machine with"
+                " internet access, or set FACECAPTION_DETECT__MODEL_PATH to an .onnx file, or"
+                " use the offline cascade detector with FACECAPTION_DETECT__BACKEND=cascade"
+            )
+        return found
+
+    def pull(self, pack_name: str, url: str | None = None, sha256: str | None = None) -> Path:
+        """Download, verify and install a pack; return its folder. Idempotent."""
+        pack = PACKS.get(pack_name)
+        url = url or (pack.url if pack else None)
+        if url is None:
+            raise ValueError(f"unknown pack {pack_name!r}: give --url (known: {', '.join(PACKS)})")
+        recorded = self.manifest().get(pack_name, {}).get("archive_sha256")
+        pin = (sha256 or (pack.sha256 if pack else None) or recorded or "").lower() or None
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as scratch:
+            archive = Path(scratch) / "pack.zip"
+            digest = _download(url, archive)
+            if pin and digest != pin:
+                raise ModelChecksumError(
+                    f"{url}: sha256 {digest}, expected {pin}; nothing was installed"
+                )
+            staged = Path(scratch) / "staged"
+            with zipfile.ZipFile(archive) as bundle:
+                _extract_flat(bundle, staged)
+            target = self.pack_dir(pack_name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            staged.rename(target)
+        files = {path.name: sha256_file(path) for path in sorted(target.iterdir())}
+        entries = self.manifest()
+        entries[pack_name] = {
+            "url": url,
+            "archive_sha256": digest,
+            "pinned": bool(pin),
+            "files": files,
+        }
+        self.manifest_path.write_text(json.dumps(entries, indent=2, sort_keys=True))
+        return target
+
+
+def _download(url: str, path: Path) -> str:
+    digest = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": "facecaption-models"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(path, "wb") as out:
+        while chunk := response.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _extract_flat(bundle: zipfile.ZipFile, folder: Path) -> None:
+    """Extract the .onnx members into one folder (packs sometimes nest a folder level);
+    member names never choose where files go."""
+    folder.mkdir(parents=True)
+    for member in bundle.infolist():
+        name = Path(member.filename).name
+        if member.is_dir() or not name.endswith(".onnx"):
+            continue
+        with bundle.open(member) as source, open(folder / name, "wb") as target:
+            shutil.copyfileobj(source, target, _CHUNK)
