@@ -56,6 +56,9 @@ RUN pip install --no-cache-dir \
         "apache-airflow==${AIRFLOW_VERSION}" \
         "torch==${TORCH_VERSION}" \
         ".[${FACECAPTION_EXTRA}]"
+# insightface depends on the CPU onnxruntime; on GPU images it comes without its dependencies
+# (the gpu extra lists the rest) so onnxruntime-gpu stays the only onnxruntime.
+RUN if [ "${FACECAPTION_EXTRA}" = "gpu" ]; then pip install --no-cache-dir --no-deps insightface; fi
 
 WORKDIR /opt/airflow
 

@@ -6,15 +6,16 @@ from typing import Any
 
 from facecaption.pipeline import ShardStatusRow, status_totals
 
-# Counts shown in the table, per stage; the JSON view has them all.
-_HEADLINE = {"fetch": ("ok", "rows")}
+# What the table shows for a done stage; the JSON view has every count.
+_HEADLINE = {
+    "fetch": lambda counts: f"{counts.get('ok', 0)}/{counts.get('rows', 0)}",
+    "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
+}
 
 
 def _cell(stage: str, status: str, counts: dict[str, Any]) -> str:
-    kept, total = _HEADLINE.get(stage, (None, None))
-    if status == "done" and kept and total in counts:
-        return f"done {counts.get(kept, 0)}/{counts[total]}"
-    return status
+    headline = _HEADLINE.get(stage)
+    return f"done {headline(counts)}" if status == "done" and headline else status
 
 
 def format_status(rows: list[ShardStatusRow]) -> str:
