@@ -30,11 +30,16 @@ EYE_MIN_SEPARATION_FRACTION = 1 / 4  # of the face width; real eyes sit about 0.
 EYES = 2
 
 
+def cascade_identity() -> str:
+    """The cascade's name and OpenCV's version: what a cascade-detected face records."""
+    return f"opencv-{FACE_CASCADE.removesuffix('.xml')}@{cv2.__version__}"
+
+
 class CascadeDetector:
     backend = "cascade"
 
     def __init__(self, *, score_threshold: float = 3.0, min_size_px: int = 48) -> None:
-        self.detector_id = f"opencv-{FACE_CASCADE.removesuffix('.xml')}@{cv2.__version__}"
+        self.detector_id = cascade_identity()
         self.score_threshold = score_threshold
         self.min_size_px = min_size_px
         self._faces = _load_cascade(FACE_CASCADE)

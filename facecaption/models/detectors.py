@@ -33,9 +33,9 @@ def detector_model_file(settings: Settings) -> Path:
 
 def detector_identity(settings: Settings) -> str:
     if settings.detect.backend == "cascade":
-        import cv2
+        from facecaption.models.cascade_detector import cascade_identity
 
-        return f"opencv-haarcascade_frontalface_default@{cv2.__version__}"
+        return cascade_identity()
     path = detector_model_file(settings)
     return f"{path.name}@sha256:{sha256_file(path)}"
 

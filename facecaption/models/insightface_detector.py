@@ -9,7 +9,6 @@ others go through the model's own `detect`, one image at a time.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,24 +19,16 @@ from insightface.model_zoo import SCRFD, get_model
 from insightface.model_zoo.scrfd import distance2bbox, distance2kps
 
 from facecaption.models.detector import FaceDetection, ModelNotFoundError
+from facecaption.store import sha256_file
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, then CPU."""
     available = onnxruntime.get_available_providers()
     return [CUDA_PROVIDER, CPU_PROVIDER] if CUDA_PROVIDER in available else [CPU_PROVIDER]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class InsightFaceDetector:
@@ -59,7 +50,7 @@ class InsightFaceDetector:
                 f"no detector model at {model_file}: run `facecaption models pull detector`,"
                 " or use the offline backend with FACECAPTION_DETECT__BACKEND=cascade"
             )
-        self.detector_id = f"{model_file.name}@sha256:{file_sha256(model_file)}"
+        self.detector_id = f"{model_file.name}@sha256:{sha256_file(model_file)}"
         model = get_model(str(model_file), providers=providers or default_providers())
         if not isinstance(model, SCRFD):
             raise ValueError(f"{model_file} is not a face detector insightface can decode")
