@@ -1,6 +1,6 @@
 """Build DAG: plan the source, then one mapped task group per shard (fetch on CPU workers,
-then detect on GPU workers), then a summary. All logic lives in the `facecaption` package;
-this file only wires it up."""
+then detect and attribute on GPU workers), then a summary. All logic lives in the
+`facecaption` package; this file only wires it up."""
 
 from __future__ import annotations
 
@@ -77,7 +77,14 @@ def facecaption_build() -> None:
             force="{{ params.force }}",
             map_index_template="{{ task.shard_id }}",
         )
-        fetch >> detect
+        attribute = GpuShardStageOperator(
+            task_id="attribute",
+            stage="attribute",
+            shard_id=shard_id,
+            force="{{ params.force }}",
+            map_index_template="{{ task.shard_id }}",
+        )
+        fetch >> detect >> attribute
 
     @task(trigger_rule="all_done")
     def summary(shard_ids: list[str]) -> dict[str, Any]:

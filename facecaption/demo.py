@@ -17,11 +17,13 @@ from pathlib import Path
 import facecaption
 from facecaption.models.detector import ModelNotFoundError
 from facecaption.models.detectors import detector_model_file
+from facecaption.models.statistics_model import build_statistics_model
 from facecaption.pipeline import Pipeline
 from facecaption.report import format_status
 from facecaption.sampledata import routes_for, sample_rows, write_source
 from facecaption.samplesite import SampleSite
 from facecaption.settings import Settings
+from facecaption.stages.attribute import attribute_model_file
 from facecaption.state.db import create_state_engine, resolve_db_url, upgrade
 
 DEMO_PORT = 8765
@@ -66,6 +68,17 @@ def demo_detector_backend(settings: Settings) -> str:
     return "insightface"
 
 
+def demo_attribute_model(settings: Settings) -> dict[str, str]:
+    """Nothing when a real attribute model is in the cache; else the demo statistics model,
+    built under the demo folder, so the stage runs offline (its labels mean nothing)."""
+    try:
+        attribute_model_file(settings)
+        return {}
+    except ModelNotFoundError:
+        path = build_statistics_model(settings.home_dir / "demo" / "models" / "statistics.onnx")
+        return {"FACECAPTION_ATTRIBUTE__MODEL_PATH": str(path)}
+
+
 def _free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
@@ -88,6 +101,7 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         # the sample site is on loopback, which downloads may not reach otherwise
         "FACECAPTION_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
         "FACECAPTION_DETECT__BACKEND": demo_detector_backend(settings),
+        **demo_attribute_model(settings),
     }
     env = airflow_env(airflow_home, root, facecaption_env)
     rows = sample_rows()
@@ -99,6 +113,11 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
             _airflow(["db", "migrate"], env, log)
             _airflow(["pools", "set", "gpu", "1", "GPU stages"], env, log)
             print(f"detector: {env['FACECAPTION_DETECT__BACKEND']}")
+            if "FACECAPTION_ATTRIBUTE__MODEL_PATH" in env:
+                print(
+                    "attributes: a demo model of image statistics (not a real classifier):"
+                    " export or pull a CelebA-40 model for real labels"
+                )
             print(f"airflow: dags test {DAG_ID} (log: {log_path}) ...")
             conf = {"source": str(source), "shard_ids": [], "force": False}
             _airflow(["dags", "test", DAG_ID, "--conf", json.dumps(conf)], env, log)

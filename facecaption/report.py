@@ -10,6 +10,7 @@ from facecaption.pipeline import ShardStatusRow, status_totals
 _HEADLINE = {
     "fetch": lambda counts: f"{counts.get('ok', 0)}/{counts.get('rows', 0)}",
     "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
+    "attribute": lambda counts: f"{counts.get('kept', 0)}/{counts.get('faces', 0)} kept",
 }
 
 

@@ -124,6 +124,27 @@ class DetectSettings(BaseModel):
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
+class AttributeSettings(BaseModel):
+    """CelebA-40 attributes. Paper defaults: a label is valid above 0.85, a face is kept with
+    at least 5 valid labels."""
+
+    model: str = Field(
+        "celeba40-resnet50", description="attribute model in the cache: {models}/attributes/"
+    )
+    model_path: str | None = Field(
+        None, description="an explicit .onnx (its sidecar .json beside it); overrides model"
+    )
+    threshold: float = Field(0.85, ge=0, le=1, description="a label is valid above this")
+    min_labels: int = Field(5, ge=0, description="a face is kept with at least this many")
+    batch_size: int = Field(32, ge=1)
+    providers: list[str] | None = Field(None, description="onnxruntime providers; unset: auto")
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "providers")
+
+    def output_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
@@ -140,6 +161,7 @@ class Settings(BaseSettings):
     columns: SourceColumns = SourceColumns()
     fetch: FetchSettings = FetchSettings()
     detect: DetectSettings = DetectSettings()
+    attribute: AttributeSettings = AttributeSettings()
     models_dir: Path | None = Field(
         None, description="model cache (`facecaption models pull`); unset: {home}/models"
     )

@@ -40,6 +40,7 @@ for _name in [
 ]:
     del os.environ[_name]
 
+from facecaption.models.statistics_model import build_statistics_model  # noqa: E402
 from facecaption.sampledata import routes_for, sample_rows  # noqa: E402
 from facecaption.samplesite import SampleSite  # noqa: E402
 from facecaption.settings import Settings  # noqa: E402
@@ -116,8 +117,14 @@ def empty_db_url(pg_admin_url: str) -> Iterator[str]:
     _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def statistics_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image-statistics attribute model (a real ONNX with known weights)."""
+    return build_statistics_model(tmp_path_factory.mktemp("models") / "statistics.onnx")
+
+
 @pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
+def settings(tmp_path: Path, db_url: str, statistics_model: Path) -> Settings:
     """Settings for one test, with short timeouts and quick retries."""
     return Settings(
         home=tmp_path / "home",
@@ -135,6 +142,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
             "backoff_max_s": 0.2,
         },
         detect={"backend": "cascade"},  # offline; tests that need the ONNX path build one
+        attribute={"model_path": str(statistics_model)},
     )
 
 
@@ -147,7 +155,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
     }
-    for section in ("fetch", "detect"):
+    for section in ("fetch", "detect", "attribute"):
         for name, value in getattr(settings, section).model_dump(mode="json").items():
             if value is not None:
                 env[f"FACECAPTION_{section.upper()}__{name.upper()}"] = (

@@ -20,7 +20,8 @@ from facecaption.pipeline import Pipeline
 from facecaption.sampledata import encode, package_file
 from facecaption.samplesite import Route, SampleSite
 from facecaption.settings import DetectSettings
-from facecaption.stages.detect import StageInputError, select_faces
+from facecaption.stages import StageInputError
+from facecaption.stages.detect import select_faces
 from facecaption.writers import read_webdataset
 
 EXIF_ORIENTATION = 0x0112

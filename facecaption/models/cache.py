@@ -70,6 +70,10 @@ class ModelCache:
     def pack_dir(self, pack: str) -> Path:
         return self.root / "insightface" / pack
 
+    def attribute_model(self, name: str) -> Path:
+        """Where attribute model `name` lives: `{root}/attributes/{name}.onnx` + `.json`."""
+        return self.root / "attributes" / f"{name}.onnx"
+
     def detector_file(self, pack_name: str) -> Path:
         """The detector ONNX of an installed pack, or a ModelNotFoundError saying what to do."""
         pack = PACKS.get(pack_name)

@@ -14,21 +14,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime
 from insightface.model_zoo import SCRFD, get_model
 from insightface.model_zoo.scrfd import distance2bbox, distance2kps
 
 from facecaption.models.detector import FaceDetection, ModelNotFoundError
+from facecaption.models.runtime import default_providers
 from facecaption.store import sha256_file
-
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
-
-
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then CPU."""
-    available = onnxruntime.get_available_providers()
-    return [CUDA_PROVIDER, CPU_PROVIDER] if CUDA_PROVIDER in available else [CPU_PROVIDER]
 
 
 class InsightFaceDetector:

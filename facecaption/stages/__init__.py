@@ -13,6 +13,10 @@ from facecaption.state import Shard, ShardState, StageState
 from facecaption.store import ArtifactRef, ArtifactStore
 
 
+class StageInputError(RuntimeError):
+    """The stage's input is not there: the stage before it has not finished."""
+
+
 class DedupIndex(Protocol):
     def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
         """Register `(sha256, key)` pairs of one shard; return each sha256's first owner
@@ -52,7 +56,8 @@ class Stage(Protocol):
 
 def stage_registry() -> dict[str, Stage]:
     """Stages by name, in pipeline order."""
+    from facecaption.stages.attribute import AttributeStage
     from facecaption.stages.detect import DetectStage
     from facecaption.stages.fetch import FetchStage
 
-    return {stage.name: stage for stage in (FetchStage(), DetectStage())}
+    return {stage.name: stage for stage in (FetchStage(), DetectStage(), AttributeStage())}

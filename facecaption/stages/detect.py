@@ -31,7 +31,7 @@ from facecaption.imaging import ImageDecodeError, UprightImage, decode_upright, 
 from facecaption.models.detector import FaceDetection, FaceDetector
 from facecaption.models.detectors import detector_identity, load_detector
 from facecaption.settings import DetectSettings, Settings
-from facecaption.stages import StageContext, StageResult
+from facecaption.stages import StageContext, StageInputError, StageResult
 from facecaption.stages.fetch import TAR_NAME as FETCH_TAR
 from facecaption.state import Shard, ShardState
 from facecaption.writers import WebDatasetWriter, write_parquet
@@ -64,10 +64,6 @@ FACES_SCHEMA = pa.schema(
         ("detector_id", pa.string()),
     ]
 )
-
-
-class StageInputError(RuntimeError):
-    """The stage's input is not there: the stage before it has not finished."""
 
 
 def fetched_images(tar_file: IO[bytes]) -> Iterator[tuple[str, bytes]]:
