@@ -75,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     pull = model_commands.add_parser(
         "pull", help="download a model into the cache and verify its sha256 (needs internet)"
     )
-    pull.add_argument("kind", choices=["detector"], help="which model")
-    pull.add_argument("--pack", default=None, help="insightface pack (default: the setting)")
-    pull.add_argument("--url", default=None, help="download from here instead")
-    pull.add_argument("--sha256", default=None, help="the archive's expected sha256 (pin)")
+    pull.add_argument("kind", choices=["detector", "attributes"], help="which model")
+    pull.add_argument("--pack", default=None, help="detector: insightface pack (default: setting)")
+    pull.add_argument("--url", default=None, help="download from here (attributes: the .onnx)")
+    pull.add_argument("--sidecar-url", default=None, help="attributes: its sidecar .json")
+    pull.add_argument("--name", default=None, help="attributes: cache name (default: setting)")
+    pull.add_argument("--sha256", default=None, help="the download's expected sha256 (pin)")
     pull.set_defaults(handler=_models_pull)
     model_commands.add_parser("list", help="what the cache holds").set_defaults(
         handler=_models_list
@@ -172,12 +174,20 @@ def _models_pull(args: argparse.Namespace) -> int:
 
     settings = Settings()
     cache = ModelCache(settings.model_cache_dir)
-    pack = args.pack or settings.detect.model_pack
-    folder = cache.pull(pack, url=args.url, sha256=args.sha256)
-    entry = cache.manifest()[pack]
-    print(f"{pack}: installed in {folder}")
+    if args.kind == "attributes":
+        if not (args.url and args.sidecar_url):
+            raise ValueError("pull attributes needs --url (the .onnx) and --sidecar-url")
+        key = f"attributes/{args.name or settings.attribute.model}"
+        where = cache.pull_attribute_model(
+            key.split("/", 1)[1], args.url, args.sidecar_url, args.sha256
+        )
+    else:
+        key = args.pack or settings.detect.model_pack
+        where = cache.pull(key, url=args.url, sha256=args.sha256)
+    entry = cache.manifest()[key]
+    print(f"{key}: installed in {where}")
     print(
-        f"archive sha256 {entry['archive_sha256']}"
+        f"sha256 {entry['archive_sha256']}"
         + (
             ""
             if entry["pinned"]

@@ -91,7 +91,16 @@ class FetchSettings(BaseModel):
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
 
 
-class DetectSettings(BaseModel):
+class StageModelSettings(BaseModel):
+    """Settings of a model stage: all of them shape its output except the runtime ones."""
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "providers")
+
+    def output_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
+class DetectSettings(StageModelSettings):
     """Face detection and alignment. Paper defaults: score > 0.98, both sides >= 128 px."""
 
     backend: Literal["insightface", "cascade"] = Field(
@@ -118,13 +127,8 @@ class DetectSettings(BaseModel):
         None, description="onnxruntime providers; unset: CUDA when available, else CPU"
     )
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "providers")
 
-    def output_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
-
-
-class AttributeSettings(BaseModel):
+class AttributeSettings(StageModelSettings):
     """CelebA-40 attributes. Paper defaults: a label is valid above 0.85, a face is kept with
     at least 5 valid labels."""
 
@@ -138,11 +142,6 @@ class AttributeSettings(BaseModel):
     min_labels: int = Field(5, ge=0, description="a face is kept with at least this many")
     batch_size: int = Field(32, ge=1)
     providers: list[str] | None = Field(None, description="onnxruntime providers; unset: auto")
-
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "providers")
-
-    def output_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
 class Settings(BaseSettings):

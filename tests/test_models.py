@@ -91,3 +91,25 @@ def test_detector_identity_follows_the_model_file(tmp_path):
     settings = Settings(home=tmp_path, detect=DetectSettings(model_path=str(model)))
     identity = detector_identity(settings)
     assert identity == f"scrfd.onnx@sha256:{hashlib.sha256(model.read_bytes()).hexdigest()}"
+
+
+def test_pull_attribute_model_installs_the_onnx_with_its_sidecar(tmp_path, statistics_model):
+    cache = ModelCache(tmp_path / "models")
+    onnx_bytes = statistics_model.read_bytes()
+    sidecar = statistics_model.with_suffix(".json").read_bytes()
+    routes = {
+        "m.onnx": Route(onnx_bytes, "application/octet-stream"),
+        "m.json": Route(sidecar, "application/json"),
+        "bad.json": Route(b'{"name": "x", "input_size": 64, "labels": ["Male"]}', "text/json"),
+    }
+    with SampleSite(routes) as site:
+        with pytest.raises(ValueError, match="40 CelebA names"):
+            cache.pull_attribute_model("celeba", site.url("m.onnx"), site.url("bad.json"))
+        assert not cache.attribute_model("celeba").exists()
+        digest = hashlib.sha256(onnx_bytes).hexdigest()
+        path = cache.pull_attribute_model(
+            "celeba", site.url("m.onnx"), site.url("m.json"), sha256=digest
+        )
+    assert path == cache.attribute_model("celeba") and path.read_bytes() == onnx_bytes
+    assert path.with_suffix(".json").read_bytes() == sidecar
+    assert cache.manifest()["attributes/celeba"]["pinned"] is True

@@ -90,22 +90,15 @@ class ModelCache:
         return found
 
     def pull(self, pack_name: str, url: str | None = None, sha256: str | None = None) -> Path:
-        """Download, verify and install a pack; return its folder. Idempotent."""
+        """Download, verify and install a detector pack; return its folder. Idempotent."""
         pack = PACKS.get(pack_name)
         url = url or (pack.url if pack else None)
         if url is None:
             raise ValueError(f"unknown pack {pack_name!r}: give --url (known: {', '.join(PACKS)})")
-        recorded = self.manifest().get(pack_name, {}).get("archive_sha256")
-        pin = (sha256 or (pack.sha256 if pack else None) or recorded or "").lower() or None
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as scratch:
-            archive = Path(scratch) / "pack.zip"
-            digest = _download(url, archive)
-            if pin and digest != pin:
-                raise ModelChecksumError(
-                    f"{url}: sha256 {digest}, expected {pin}; nothing was installed"
-                )
-            staged = Path(scratch) / "staged"
+        pin = sha256 or (pack.sha256 if pack else None)
+        with self._scratch() as scratch:
+            archive, digest = self._verified_download(pack_name, url, pin, scratch)
+            staged = scratch / "staged"
             with zipfile.ZipFile(archive) as bundle:
                 _extract_flat(bundle, staged)
             target = self.pack_dir(pack_name)
@@ -113,16 +106,65 @@ class ModelCache:
             if target.exists():
                 shutil.rmtree(target)
             staged.rename(target)
-        files = {path.name: sha256_file(path) for path in sorted(target.iterdir())}
+        self._record(pack_name, url, digest, bool(pin), target.iterdir())
+        return target
+
+    def pull_attribute_model(
+        self, name: str, url: str, sidecar_url: str, sha256: str | None = None
+    ) -> Path:
+        """Download an attribute .onnx and its sidecar .json, verify, install under `name`."""
+        from facecaption.models.attribute_model import AttributeModelSpec
+
+        key = f"attributes/{name}"
+        with self._scratch() as scratch:
+            model, digest = self._verified_download(key, url, sha256, scratch)
+            sidecar = scratch / "model.json"
+            _download(sidecar_url, sidecar)
+            AttributeModelSpec.load(sidecar)  # refuse a sidecar we could not use
+            target = self.attribute_model(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # the sidecar first: an .onnx in place always has its sidecar
+            sidecar.replace(target.with_suffix(".json"))
+            model.replace(target)
+        self._record(key, url, digest, bool(sha256), [target, target.with_suffix(".json")])
+        return target
+
+    def _scratch(self) -> tempfile.TemporaryDirectory:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return _ScratchDir(self.root)
+
+    def _verified_download(
+        self, key: str, url: str, pin: str | None, scratch: Path
+    ) -> tuple[Path, str]:
+        """Download to scratch; check against the pin, else against what was recorded."""
+        expected = (pin or self.manifest().get(key, {}).get("archive_sha256") or "").lower()
+        path = scratch / "download"
+        digest = _download(url, path)
+        if expected and digest != expected:
+            raise ModelChecksumError(
+                f"{url}: sha256 {digest}, expected {expected}; nothing was installed"
+            )
+        return path, digest
+
+    def _record(self, key: str, url: str, digest: str, pinned: bool, files) -> None:  # noqa: ANN001
         entries = self.manifest()
-        entries[pack_name] = {
+        entries[key] = {
             "url": url,
             "archive_sha256": digest,
-            "pinned": bool(pin),
-            "files": files,
+            "pinned": pinned,
+            "files": {path.name: sha256_file(path) for path in sorted(files)},
         }
         self.manifest_path.write_text(json.dumps(entries, indent=2, sort_keys=True))
-        return target
+
+
+class _ScratchDir(tempfile.TemporaryDirectory):
+    """A temporary folder inside the cache (same filesystem: installs are renames)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(dir=root, prefix=".pull-")
+
+    def __enter__(self) -> Path:  # type: ignore[override]
+        return Path(self.name)
 
 
 def _download(url: str, path: Path) -> str:
