@@ -85,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     model_commands.add_parser("list", help="what the cache holds").set_defaults(
         handler=_models_list
     )
+    export = model_commands.add_parser(
+        "export-attributes",
+        help="turn a torchvision-layout ResNet-50 CelebA-40 checkpoint into ONNX + sidecar",
+    )
+    export.add_argument("checkpoint", help="a torch state_dict (.pt/.pth)")
+    export.add_argument("--name", default=None, help="cache name (default: the setting)")
+    export.add_argument("--input-size", type=int, default=256, help="the model's input side")
+    export.add_argument("--interpolation", default="bicubic", help="resize filter (Pillow)")
+    export.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
+    export.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
+    export.set_defaults(handler=_models_export)
 
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(handler=_config)
@@ -196,6 +207,29 @@ def _models_pull(args: argparse.Namespace) -> int:
     )
     for name, digest in entry["files"].items():
         print(f"  {name}  {digest}")
+    return 0
+
+
+def _models_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from facecaption.models.cache import ModelCache
+    from facecaption.models.export import export_attribute_model
+
+    settings = Settings()
+    name = args.name or settings.attribute.model
+    out = ModelCache(settings.model_cache_dir).attribute_model(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = export_attribute_model(
+        Path(args.checkpoint),
+        out,
+        input_size=args.input_size,
+        interpolation=args.interpolation,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        name=name,
+    )
+    print(f"exported {path} and {path.with_suffix('.json').name}; onnxruntime matches torch")
     return 0
 
 
