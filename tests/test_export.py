@@ -121,3 +121,19 @@ def test_permuted_labels_reorder_predict_columns(tmp_path, trained, exported):
     assert np.abs(got - expected).max() < 1e-5
     # and without the sidecar's order the columns would be wrong
     assert np.abs(got[:, order] - expected).max() > 1e-2
+
+
+def test_cli_exports_a_checkpoint_into_the_model_cache(tmp_path, trained, monkeypatch, capsys):
+    from facecaption.cli import main
+    from facecaption.models.cache import ModelCache
+
+    _, state_dict = trained
+    checkpoint = tmp_path / "celeba.pt"
+    torch.save(state_dict, checkpoint)
+    monkeypatch.setenv("FACECAPTION_MODELS_DIR", str(tmp_path / "models"))
+    argv = ["models", "export-attributes", str(checkpoint), "--input-size", "64"]
+    assert main([*argv, "--name", "mine"]) == 0
+    assert "onnxruntime matches torch" in capsys.readouterr().out
+    exported_model = ModelCache(tmp_path / "models").attribute_model("mine")
+    model = OnnxAttributeModel(exported_model)
+    assert model.spec.input_size == 64 and model.spec.name == "mine"
