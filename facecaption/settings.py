@@ -144,6 +144,58 @@ class AttributeSettings(StageModelSettings):
     providers: list[str] | None = Field(None, description="onnxruntime providers; unset: auto")
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You describe faces for an image-text dataset. Write one natural, fluent paragraph of one"
+    " to three sentences. Keep every stated fact, add no new ones, never contradict them."
+)
+DEFAULT_PROMPT = (
+    "Rewrite these notes about a person's face as one natural description.\n\nNotes: {raw_text}"
+)
+
+
+class CaptionSettings(StageModelSettings):
+    """Captions: grammar raw text, an LLM rewrite, and a fidelity check."""
+
+    backend: Literal["transformers", "openai", "template"] = Field(
+        "transformers",
+        description="transformers: in-process LLM; openai: any /v1/chat/completions server;"
+        " template: the grammar's raw text only, no LLM",
+    )
+    model: str = Field(
+        "Qwen2.5-1.5B-Instruct", description="LLM in the cache: {models}/llm/NAME (HF format)"
+    )
+    model_path: str | None = Field(None, description="an explicit HF model folder (overrides)")
+    base_url: str | None = Field(None, description="openai backend: e.g. http://host:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the server's key")
+    server_model: str | None = Field(
+        None, description="model name sent to the server (default: `model`)"
+    )
+    prompt_version: str = "1"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    prompt_template: str = Field(DEFAULT_PROMPT, description="must contain {raw_text}")
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.7, ge=0, description="0: greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = Field(0, description="seeds the grammar (with each face id) and sampling")
+    grammar_path: str | None = Field(None, description="a grammar TOML; unset: the packaged one")
+    exclude_labels: list[str] = Field(
+        ["Attractive", "Blurry"], description="valid labels the captions leave out"
+    )
+    absent_below: float = Field(
+        0.15, ge=0, le=1, description="an attribute this improbable may not be stated"
+    )
+    batch_size: int = Field(16, ge=1, description="prompts per generate call / in flight")
+    concurrency: int = Field(8, ge=1, description="openai backend: requests at once")
+    timeout_s: float = Field(60.0, gt=0, description="openai backend: per request")
+    retries: int = Field(2, ge=0, description="openai backend: for 429/5xx/timeouts")
+    providers: list[str] | None = Field(None, description="unused by LLM backends")
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
+        "batch_size", "providers", "concurrency", "timeout_s", "retries", "api_key_env",
+        "base_url",
+    )  # fmt: skip
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
@@ -161,6 +213,7 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     detect: DetectSettings = DetectSettings()
     attribute: AttributeSettings = AttributeSettings()
+    caption: CaptionSettings = CaptionSettings()
     models_dir: Path | None = Field(
         None, description="model cache (`facecaption models pull`); unset: {home}/models"
     )
