@@ -188,10 +188,9 @@ class CaptionSettings(StageModelSettings):
     concurrency: int = Field(8, ge=1, description="openai backend: requests at once")
     timeout_s: float = Field(60.0, gt=0, description="openai backend: per request")
     retries: int = Field(2, ge=0, description="openai backend: for 429/5xx/timeouts")
-    providers: list[str] | None = Field(None, description="unused by LLM backends")
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
-        "batch_size", "providers", "concurrency", "timeout_s", "retries", "api_key_env",
+        "batch_size", "concurrency", "timeout_s", "retries", "api_key_env",
         "base_url",
     )  # fmt: skip
 
