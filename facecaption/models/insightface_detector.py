@@ -60,12 +60,13 @@ class InsightFaceDetector:
         self.batched = bool(model.batched) and model.input_shape[0] != 1
 
     def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        bgr_images = [_to_bgr(image) for image in images]
+        for image in images:
+            _check_rgb(image)
         if not self.batched:
-            return [self._detect_one(image) for image in bgr_images]
+            return [self._detect_one(_to_bgr(image)) for image in images]
         results: list[list[FaceDetection]] = []
-        for start in range(0, len(bgr_images), self.batch_size):
-            results.extend(self._detect_batch(bgr_images[start : start + self.batch_size]))
+        for start in range(0, len(images), self.batch_size):
+            results.extend(self._detect_batch(images[start : start + self.batch_size]))
         return results
 
     def _detect_one(self, image: np.ndarray) -> list[FaceDetection]:
@@ -76,7 +77,8 @@ class InsightFaceDetector:
         return _detections(dets, kpss)
 
     def _detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        """One session call for the batch; mirrors `SCRFD._detect_candidates` per image."""
+        """One session call for the batch; mirrors `SCRFD._detect_candidates` per image.
+        Works on the RGB images directly (insightface swaps BGR to RGB in its blob)."""
         model, side = self._model, self.input_size
         canvases, scales = [], []
         for image in images:
@@ -92,7 +94,7 @@ class InsightFaceDetector:
             1.0 / model.input_std,
             (side, side),
             (model.input_mean,) * 3,
-            swapRB=True,
+            swapRB=False,
         ).astype(getattr(model, "input_dtype", np.float32), copy=False)
         outputs = model.session.run(model.output_names, {model.input_name: blob})
         return [
@@ -107,13 +109,13 @@ class InsightFaceDetector:
         scores_list, boxes_list, kpss_list = [], [], []
         for level, (stride, centers) in enumerate(self._anchor_centers()):
             scores = outputs[level][index]
-            keep = np.where(scores >= self.score_threshold)[0]
-            boxes = distance2bbox(centers, outputs[level + fmc][index] * stride)
+            keep = np.where(scores >= self.score_threshold)[0]  # decode candidates only
+            boxes = distance2bbox(centers[keep], outputs[level + fmc][index][keep] * stride)
             scores_list.append(scores[keep])
-            boxes_list.append(boxes[keep])
+            boxes_list.append(boxes)
             if model.use_kps:
-                kpss = distance2kps(centers, outputs[level + 2 * fmc][index] * stride)
-                kpss_list.append(kpss.reshape((kpss.shape[0], -1, 2))[keep])
+                kpss = distance2kps(centers[keep], outputs[level + 2 * fmc][index][keep] * stride)
+                kpss_list.append(kpss.reshape((kpss.shape[0], kpss.shape[1] // 2, 2)))
         scores = np.vstack(scores_list)
         if scores.size == 0:
             return []
@@ -137,9 +139,12 @@ class InsightFaceDetector:
             yield stride, model.center_cache[key]
 
 
-def _to_bgr(image: np.ndarray) -> np.ndarray:
+def _check_rgb(image: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected RGB uint8 H x W x 3, got {image.dtype} {image.shape}")
+
+
+def _to_bgr(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
