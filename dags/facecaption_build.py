@@ -1,5 +1,5 @@
 """Build DAG: plan the source, then one mapped task group per shard (fetch on CPU workers,
-then detect and attribute on GPU workers), then a summary. All logic lives in the
+then detect, attribute and caption on GPU workers), then a summary. All logic lives in the
 `facecaption` package; this file only wires it up."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, task, task_group
 from facecaption_operators import GpuShardStageOperator, ShardStageOperator
+
+from facecaption.settings import Settings
 
 
 @dag(
@@ -84,7 +86,18 @@ def facecaption_build() -> None:
             force="{{ params.force }}",
             map_index_template="{{ task.shard_id }}",
         )
-        fetch >> detect >> attribute
+        # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
+        caption_operator = (
+            ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
+        )
+        caption = caption_operator(
+            task_id="caption",
+            stage="caption",
+            shard_id=shard_id,
+            force="{{ params.force }}",
+            map_index_template="{{ task.shard_id }}",
+        )
+        fetch >> detect >> attribute >> caption
 
     @task(trigger_rule="all_done")
     def summary(shard_ids: list[str]) -> dict[str, Any]:

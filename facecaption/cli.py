@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
     export.set_defaults(handler=_models_export)
 
+    stats = commands.add_parser(
+        "text-stats", help="words per caption and distinct 4-grams: raw text vs LLM captions"
+    )
+    stats.add_argument("--shard", action="append", default=None, help="only these shards")
+    stats.set_defaults(handler=_text_stats)
+
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(handler=_config)
 
@@ -244,6 +250,34 @@ def _models_list(args: argparse.Namespace) -> int:
         print(f"{pack}: {entry['url']} sha256 {entry['archive_sha256']}")
         for name, digest in entry["files"].items():
             print(f"  {name}  {digest}")
+    return 0
+
+
+def _text_stats(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from facecaption.pipeline import Pipeline
+    from facecaption.stages.caption import PARQUET_NAME, text_stats
+
+    raw: list[str] = []
+    llm: list[str] = []
+    with Pipeline.open() as pipeline:
+        for row in pipeline.status(args.shard):
+            state = row.stages.get("caption")
+            if state is None or state.status != "done":
+                continue
+            with pipeline.store.open(pipeline.store.shard_path(row.shard_id, PARQUET_NAME)) as f:
+                for caption in pq.read_table(f).to_pylist():
+                    raw.append(caption["raw_text"])
+                    if caption["caption_source"] == "llm":
+                        llm.append(caption["caption"])
+    for label, texts in (("raw text (grammar)", raw), ("LLM captions", llm)):
+        stats = text_stats(texts)
+        mean = stats["words"] / stats["captions"] if stats["captions"] else 0.0
+        print(
+            f"{label}: {stats['captions']} captions, {mean:.1f} words on average,"
+            f" {stats['unique_4grams']} distinct 4-grams"
+        )
     return 0
 
 

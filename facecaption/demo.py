@@ -79,6 +79,24 @@ def demo_attribute_model(settings: Settings) -> dict[str, str]:
         return {"FACECAPTION_ATTRIBUTE__MODEL_PATH": str(path)}
 
 
+def demo_caption_model(settings: Settings) -> dict[str, str]:
+    """Nothing when an LLM is in the cache (or another backend is set); else a tiny random
+    Qwen2 built offline under the demo folder, so the real rewrite path runs."""
+    caption = settings.caption
+    folder = settings.model_cache_dir / "llm" / caption.model
+    if caption.backend != "transformers" or caption.model_path or folder.is_dir():
+        return {}
+    from facecaption.llm.tiny import build_tiny_qwen2
+
+    tiny = settings.home_dir / "demo" / "models" / "tiny-qwen2"
+    if not (tiny / "config.json").is_file():
+        build_tiny_qwen2(tiny)
+    return {
+        "FACECAPTION_CAPTION__MODEL_PATH": str(tiny),
+        "FACECAPTION_CAPTION__MAX_NEW_TOKENS": "24",
+    }
+
+
 def _free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
@@ -102,6 +120,7 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         "FACECAPTION_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
         "FACECAPTION_DETECT__BACKEND": demo_detector_backend(settings),
         **demo_attribute_model(settings),
+        **demo_caption_model(settings),
     }
     env = airflow_env(airflow_home, root, facecaption_env)
     rows = sample_rows()

@@ -11,6 +11,7 @@ _HEADLINE = {
     "fetch": lambda counts: f"{counts.get('ok', 0)}/{counts.get('rows', 0)}",
     "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
     "attribute": lambda counts: f"{counts.get('kept', 0)}/{counts.get('faces', 0)} kept",
+    "caption": lambda counts: f"{counts.get('llm_captions', 0)}/{counts.get('faces', 0)} llm",
 }
 
 

@@ -143,6 +143,7 @@ def settings(tmp_path: Path, db_url: str, statistics_model: Path) -> Settings:
         },
         detect={"backend": "cascade"},  # offline; tests that need the ONNX path build one
         attribute={"model_path": str(statistics_model)},
+        caption={"backend": "template"},  # tests of the LLM paths set their own
     )
 
 
@@ -155,7 +156,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
     }
-    for section in ("fetch", "detect", "attribute"):
+    for section in ("fetch", "detect", "attribute", "caption"):
         for name, value in getattr(settings, section).model_dump(mode="json").items():
             if value is not None:
                 env[f"FACECAPTION_{section.upper()}__{name.upper()}"] = (

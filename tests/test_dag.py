@@ -45,17 +45,19 @@ def test_build_dag_maps_one_task_group_per_shard(dagbag):
     attribute = dag.get_task("process_shard.attribute")
     assert "process_shard.detect" in {t.task_id for t in attribute.upstream_list}
     assert (attribute.queue, attribute.pool) == ("gpu", "gpu")
+    caption = dag.get_task("process_shard.caption")
+    assert "process_shard.attribute" in {t.task_id for t in caption.upstream_list}
     summary_upstream = {t.task_id for t in dag.get_task("summary").upstream_list}
-    assert "process_shard.attribute" in summary_upstream
+    assert "process_shard.caption" in summary_upstream
 
 
 @pytest.mark.slow
 def test_build_dag_fetches_every_shard_and_records_state(
     tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch
 ):
-    """End to end with dag.test(): plan -> fetch -> detect -> attribute per shard -> summary,
-    state in Postgres (the offline cascade and the statistics attribute model, as the demo
-    uses without real models)."""
+    """End to end with dag.test(): plan -> fetch -> detect -> attribute -> caption per shard ->
+    summary, state in Postgres (the offline cascade, the statistics attribute model and the
+    template captions: offline stand-ins for the real models)."""
     for name, value in {**settings_env, "FACECAPTION_SHARD_SIZE": "8"}.items():
         monkeypatch.setenv(name, value)
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
@@ -76,12 +78,20 @@ def test_build_dag_fetches_every_shard_and_records_state(
             attribute = row.stages["attribute"]
             assert attribute.status == "done"
             assert attribute.counts["faces"] == row.stages["detect"].counts["faces_kept"]
+            caption = row.stages["caption"]
+            assert caption.status == "done"
+            assert caption.counts["faces"] == attribute.counts["kept"]
             assert fetch.counts["rows"] == row.rows
             for name in ("fetch.tar", "fetch.parquet"):
                 assert os.path.exists(fetch.artifacts[name]["uri"]), name
             table = pq.read_table(fetch.artifacts["fetch.parquet"]["uri"])
             statuses += table.column("status").to_pylist()
     assert statuses == [row.expected_status for row in sample]
-    for task_id in ("process_shard.fetch", "process_shard.detect", "process_shard.attribute"):
+    for task_id in (
+        "process_shard.fetch",
+        "process_shard.detect",
+        "process_shard.attribute",
+        "process_shard.caption",
+    ):
         mapped = [ti for ti in run.get_task_instances() if ti.task_id == task_id]
         assert sorted(ti.rendered_map_index for ti in mapped) == sorted(shard_ids)

@@ -57,7 +57,9 @@ class Stage(Protocol):
 def stage_registry() -> dict[str, Stage]:
     """Stages by name, in pipeline order."""
     from facecaption.stages.attribute import AttributeStage
+    from facecaption.stages.caption import CaptionStage
     from facecaption.stages.detect import DetectStage
     from facecaption.stages.fetch import FetchStage
 
-    return {stage.name: stage for stage in (FetchStage(), DetectStage(), AttributeStage())}
+    stages = (FetchStage(), DetectStage(), AttributeStage(), CaptionStage())
+    return {stage.name: stage for stage in stages}

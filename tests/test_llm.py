@@ -1,0 +1,198 @@
+"""The LLM rewrite backends: a tiny real model through transformers, and the OpenAI client
+against a loopback chat server with scripted replies, faults, or that model behind it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from facecaption.llm import load_rewriter
+from facecaption.llm.chatserver import ChatServer, Fault, first_requests
+from facecaption.llm.openai_backend import OpenAIRewriter
+from facecaption.llm.tiny import build_tiny_qwen2
+from facecaption.llm.transformers_backend import TransformersRewriter
+from facecaption.models.detector import ModelNotFoundError
+from facecaption.settings import CaptionSettings
+
+SYSTEM = "You describe faces."
+PROMPTS = [
+    "Notes: female, young, smiling.",
+    "Notes: male, bald, eyeglasses, a goatee and bushy eyebrows, looking slightly to the left.",
+    "Notes: wavy brown hair.",
+    "Notes: rosy cheeks, high cheekbones, heavy makeup, lipstick and earrings.",
+    "Notes: gray hair, bags under the eyes.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("llm") / "tiny-qwen2")
+
+
+def tiny_rewriter(folder: Path, **overrides: object) -> TransformersRewriter:
+    options: dict = dict(
+        system_prompt=SYSTEM, max_new_tokens=12, temperature=0.0, top_p=1.0, seed=0, batch_size=5
+    )
+    return TransformersRewriter(folder, **{**options, **overrides})
+
+
+def client(base_url: str, **overrides: object) -> OpenAIRewriter:
+    options: dict = dict(
+        api_key=None,
+        system_prompt=SYSTEM,
+        max_new_tokens=12,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        concurrency=4,
+        timeout_s=5.0,
+        retries=2,
+    )
+    return OpenAIRewriter(base_url, "tiny", **{**options, **overrides})
+
+
+def echo(messages: list[dict[str, str]]) -> str:
+    return f"caption of {messages[-1]['content']}"
+
+
+# -- transformers ------------------------------------------------------------------------
+
+
+def test_tiny_model_rewrites_a_left_padded_batch(tiny_model: Path) -> None:
+    rewriter = tiny_rewriter(tiny_model)
+    replies = rewriter.rewrite(PROMPTS)
+    assert len(replies) == 5 and all(isinstance(reply, str) for reply in replies)
+    assert any(replies)  # random weights write noise, but they write
+    assert all(1 <= count <= 12 for count in rewriter.last_token_counts)
+    assert rewriter.model_id.startswith("tiny-qwen2@sha256:")
+    batch = rewriter.tokenizer(
+        [rewriter.chat_text(rewriter.messages(p)) for p in PROMPTS[:2]], padding=True
+    )
+    pad = rewriter.tokenizer.pad_token_id
+    assert batch["input_ids"][0][0] == pad and batch["input_ids"][0][-1] != pad
+
+
+def test_same_seed_samples_the_same_replies(tiny_model: Path) -> None:
+    first = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7).rewrite(PROMPTS)
+    again = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7).rewrite(PROMPTS)
+    other = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=8).rewrite(PROMPTS)
+    assert first == again
+    assert first != other
+
+
+def test_greedy_replies_do_not_depend_on_the_batch(tiny_model: Path) -> None:
+    batched = tiny_rewriter(tiny_model, batch_size=5).rewrite(PROMPTS)
+    one_by_one = tiny_rewriter(tiny_model, batch_size=1).rewrite(PROMPTS)
+    assert batched == one_by_one
+
+
+def test_model_sees_the_system_prompt_in_its_chat_format(tiny_model: Path) -> None:
+    rewriter = tiny_rewriter(tiny_model)
+    text = rewriter.chat_text(rewriter.messages("Notes: smiling."))
+    assert text == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nNotes: smiling.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tokenizer = rewriter.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == start and ids.count(start) == 3  # one token each, not spelled out
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+# -- OpenAI-compatible server -------------------------------------------------------------
+
+
+def test_replies_keep_prompt_order_within_the_concurrency(tmp_path: Path) -> None:
+    def slow_echo(messages: list[dict[str, str]]) -> str:
+        time.sleep(0.05)
+        return echo(messages)
+
+    prompts = [f"notes {i}" for i in range(20)]
+    with ChatServer(slow_echo) as server:
+        replies = client(server.base_url, concurrency=4).rewrite(prompts)
+    assert replies == [f"caption of notes {i}" for i in range(20)]
+    assert server.count == 20 and 1 < server.max_in_flight <= 4
+    assert server.requests[0]["messages"][0] == {"role": "system", "content": SYSTEM}
+
+
+def test_429_retry_after_is_waited_out() -> None:
+    fault = Fault(status=429, headers={"Retry-After": "1"})
+    with ChatServer(echo, fault=first_requests(1, fault)) as server:
+        started = time.perf_counter()
+        replies = client(server.base_url).rewrite(["notes"])
+        elapsed = time.perf_counter() - started
+    assert replies == ["caption of notes"]
+    assert elapsed >= 1.0 and server.count == 2
+
+
+def test_server_error_is_retried() -> None:
+    with ChatServer(echo, fault=first_requests(1, Fault(status=500))) as server:
+        rewriter = client(server.base_url, retries=1)
+        assert rewriter.rewrite(["notes"]) == ["caption of notes"]
+    assert server.count == 2 and rewriter.last_errors == {}
+
+
+def test_timeout_without_retries_gives_none() -> None:
+    with ChatServer(echo, fault=lambda number, body: Fault(sleep_s=2.0)) as server:
+        rewriter = client(server.base_url, timeout_s=0.3, retries=0)
+        started = time.perf_counter()
+        assert rewriter.rewrite(["notes"]) == [None]
+        assert time.perf_counter() - started < 1.5
+    assert "no answer within" in rewriter.last_errors[0]
+
+
+def test_client_errors_and_empty_replies_are_final() -> None:
+    def fault(number: int, body: dict) -> Fault | None:
+        content = body["messages"][-1]["content"]
+        return {
+            "bad": Fault(status=400),
+            "empty": Fault(body={"choices": []}),
+        }.get(content)
+
+    with ChatServer(echo, fault=fault) as server:
+        rewriter = client(server.base_url, retries=3)
+        assert rewriter.rewrite(["bad", "fine", "empty"]) == [None, "caption of fine", None]
+    assert server.count == 3  # nothing retried
+    assert "HTTP 400" in rewriter.last_errors[0] and "no choices" in rewriter.last_errors[2]
+
+
+def test_server_with_the_tiny_model_answers_like_the_model_itself(tiny_model: Path) -> None:
+    direct = tiny_rewriter(tiny_model).rewrite(PROMPTS)
+    with ChatServer(model_dir=tiny_model, max_new_tokens=12, batch_size=4) as server:
+        rewriter = client(server.base_url, concurrency=5)
+        served = rewriter.rewrite(PROMPTS)
+    assert served == direct
+    assert max(server.batch_sizes) <= 4 and sum(server.batch_sizes) == 5
+    assert rewriter.generated_tokens > 0
+
+
+# -- choosing a backend -------------------------------------------------------------------
+
+
+def test_load_rewriter_names_a_missing_model_folder(tmp_path: Path) -> None:
+    settings = CaptionSettings(backend="transformers", model="Qwen2.5-1.5B-Instruct")
+    with pytest.raises(ModelNotFoundError) as error:
+        load_rewriter(settings, tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "llm" / "Qwen2.5-1.5B-Instruct") in message
+    assert "huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct" in message
+
+
+def test_load_rewriter_needs_a_base_url_for_openai(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        load_rewriter(CaptionSettings(backend="openai"), tmp_path)
+
+
+def test_load_rewriter_builds_each_backend(tiny_model: Path, tmp_path: Path) -> None:
+    local = load_rewriter(
+        CaptionSettings(model_path=str(tiny_model), temperature=0, max_new_tokens=4), tmp_path
+    )
+    assert isinstance(local, TransformersRewriter) and len(local.rewrite(["notes"])) == 1
+    remote = load_rewriter(
+        CaptionSettings(backend="openai", base_url="http://127.0.0.1:1/v1", server_model="m"),
+        tmp_path,
+    )
+    assert remote.model_id == "openai:m@http://127.0.0.1:1/v1"
