@@ -27,6 +27,9 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_fetch.py --images 600 --write docs/benchmarks.md
 	$(BIN)/python bench/bench_img2dataset.py --urls 5000 --write docs/benchmarks.md
+	$(BIN)/python bench/bench_detect.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_attributes.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_caption.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

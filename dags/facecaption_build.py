@@ -65,39 +65,25 @@ def facecaption_build() -> None:
 
     @task_group
     def process_shard(shard_id: str) -> None:
-        fetch = ShardStageOperator(
-            task_id="fetch",
-            stage="fetch",
-            shard_id=shard_id,
-            force="{{ params.force }}",
-            map_index_template="{{ task.shard_id }}",
-        )
-        detect = GpuShardStageOperator(
-            task_id="detect",
-            stage="detect",
-            shard_id=shard_id,
-            force="{{ params.force }}",
-            map_index_template="{{ task.shard_id }}",
-        )
-        attribute = GpuShardStageOperator(
-            task_id="attribute",
-            stage="attribute",
-            shard_id=shard_id,
-            force="{{ params.force }}",
-            map_index_template="{{ task.shard_id }}",
-        )
+        def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
+            return operator(
+                task_id=name,
+                stage=name,
+                shard_id=shard_id,
+                force="{{ params.force }}",
+                map_index_template="{{ task.shard_id }}",
+            )
+
         # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
         caption_operator = (
             ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
         )
-        caption = caption_operator(
-            task_id="caption",
-            stage="caption",
-            shard_id=shard_id,
-            force="{{ params.force }}",
-            map_index_template="{{ task.shard_id }}",
+        (
+            stage(ShardStageOperator, "fetch")
+            >> stage(GpuShardStageOperator, "detect")
+            >> stage(GpuShardStageOperator, "attribute")
+            >> stage(caption_operator, "caption")
         )
-        fetch >> detect >> attribute >> caption
 
     @task(trigger_rule="all_done")
     def summary(shard_ids: list[str]) -> dict[str, Any]:

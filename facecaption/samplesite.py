@@ -9,23 +9,12 @@ and bodies the client hung up on. It binds a loopback address only (127.0.0.1 by
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # the default 5 drops SYNs when many clients connect at once
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # Clients hang up on purpose (size limits, timeouts): that is not a server error.
-        error = sys.exc_info()[1]
-        if not isinstance(error, ConnectionError):
-            super().handle_error(request, client_address)
+from facecaption.loopback import LoopbackServer
 
 
 @dataclass
@@ -43,7 +32,7 @@ class Route:
     headers: dict[str, str] | None = None
 
 
-class SampleSite:
+class SampleSite(LoopbackServer):
     """`with SampleSite(routes) as site:` serves `routes[path]` at `site.url(path)`."""
 
     def __init__(self, routes: dict[str, Route], port: int = 0, host: str = "127.0.0.1") -> None:
@@ -53,29 +42,10 @@ class SampleSite:
         self.max_in_flight = 0
         self.hung_up: set[str] = set()  # paths whose body the client stopped reading
         self._lock = threading.Lock()
-        self.host = host
-        self._server = _Server((host, port), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(self._handler_class(), host, port)
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}/{path.lstrip('/')}"
-
-    def __enter__(self) -> SampleSite:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _count(self, path: str) -> int:
         with self._lock:

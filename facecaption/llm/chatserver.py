@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import queue
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
+
+from facecaption.loopback import LoopbackServer
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 
@@ -47,16 +48,6 @@ def first_requests(count: int, fault: Fault) -> FaultHook:
     return lambda number, body: fault if number <= count else None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # Clients give up on slow answers on purpose (timeouts): not a server error.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 @dataclass
 class _Pending:
     messages: Messages
@@ -65,7 +56,7 @@ class _Pending:
     tokens: int = 0
 
 
-class ChatServer:
+class ChatServer(LoopbackServer):
     """`with ChatServer(reply) as server:` serves at `server.base_url` (ends in /v1)."""
 
     def __init__(
@@ -109,13 +100,7 @@ class ChatServer:
                 batch_size=batch_size,
             )
             self._worker = threading.Thread(target=self._serve_batches, daemon=True)
-        self.host = host
-        self._server = _Server((host, port), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(self._handler_class(), host, port)
 
     @property
     def base_url(self) -> str:
@@ -127,8 +112,7 @@ class ChatServer:
     def __enter__(self) -> ChatServer:
         if self._worker is not None:
             self._worker.start()
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(
         self,
@@ -136,8 +120,7 @@ class ChatServer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__exit__(exc_type, exc, traceback)
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()

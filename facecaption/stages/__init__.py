@@ -54,6 +54,15 @@ class Stage(Protocol):
     def run(self, context: StageContext) -> StageResult: ...
 
 
+def upstream_checksums(state: ShardState, shard_id: str, stage: str) -> dict[str, str]:
+    """The sha256 of each artifact `stage` left for this shard, which a later stage's
+    fingerprint covers; StageInputError when `stage` is not done."""
+    upstream = state.get_stage(shard_id, stage)
+    if upstream.status != "done":
+        raise StageInputError(f"{stage} of shard {shard_id} is {upstream.status}, not done")
+    return {name: ref["sha256"] for name, ref in sorted(upstream.artifacts.items())}
+
+
 def stage_registry() -> dict[str, Stage]:
     """Stages by name, in pipeline order."""
     from facecaption.stages.attribute import AttributeStage

@@ -26,7 +26,7 @@ from facecaption.models.attribute_model import OnnxAttributeModel
 from facecaption.models.cache import ModelCache
 from facecaption.models.detector import ModelNotFoundError
 from facecaption.settings import Settings
-from facecaption.stages import StageContext, StageInputError, StageResult
+from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.detect import TAR_NAME as FACES_TAR
 from facecaption.state import Shard, ShardState
 from facecaption.store import sha256_file
@@ -100,12 +100,10 @@ class AttributeStage:
     def fingerprint_inputs(
         self, shard: Shard, settings: Settings, state: ShardState
     ) -> dict[str, Any]:
-        detect = state.get_stage(shard.shard_id, "detect")
-        if detect.status != "done":
-            raise StageInputError(f"detect of shard {shard.shard_id} is {detect.status}, not done")
+        upstream = upstream_checksums(state, shard.shard_id, "detect")  # first: inputs exist
         model = attribute_model_file(settings)
         return {
-            "detect": {name: ref["sha256"] for name, ref in sorted(detect.artifacts.items())},
+            "detect": upstream,
             "settings": settings.attribute.output_settings(),
             "model": f"{model.name}@sha256:{sha256_file(model)}",
             "sidecar": sha256_file(model.with_suffix(".json")),

@@ -29,7 +29,7 @@ from facecaption.attributes import CELEBA_ATTRIBUTES
 from facecaption.fidelity import check_caption
 from facecaption.grammar import Grammar
 from facecaption.settings import CaptionSettings, Settings
-from facecaption.stages import StageContext, StageInputError, StageResult
+from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.attribute import PARQUET_NAME as ATTRIBUTES_PARQUET
 from facecaption.state import Shard, ShardState
 from facecaption.store import sha256_file
@@ -105,13 +105,8 @@ class CaptionStage:
     def fingerprint_inputs(
         self, shard: Shard, settings: Settings, state: ShardState
     ) -> dict[str, Any]:
-        attribute = state.get_stage(shard.shard_id, "attribute")
-        if attribute.status != "done":
-            raise StageInputError(
-                f"attribute of shard {shard.shard_id} is {attribute.status}, not done"
-            )
         return {
-            "attribute": {n: ref["sha256"] for n, ref in sorted(attribute.artifacts.items())},
+            "attribute": upstream_checksums(state, shard.shard_id, "attribute"),
             "settings": settings.caption.output_settings(),
             "grammar": grammar_for(settings.caption).fingerprint,
             "model": llm_identity(settings),

@@ -31,7 +31,7 @@ from facecaption.imaging import ImageDecodeError, UprightImage, decode_upright, 
 from facecaption.models.detector import FaceDetection, FaceDetector
 from facecaption.models.detectors import detector_identity, load_detector
 from facecaption.settings import DetectSettings, Settings
-from facecaption.stages import StageContext, StageInputError, StageResult
+from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.fetch import TAR_NAME as FETCH_TAR
 from facecaption.state import Shard, ShardState
 from facecaption.writers import WebDatasetWriter, write_parquet
@@ -121,11 +121,8 @@ class DetectStage:
     def fingerprint_inputs(
         self, shard: Shard, settings: Settings, state: ShardState
     ) -> dict[str, Any]:
-        fetch = state.get_stage(shard.shard_id, "fetch")
-        if fetch.status != "done":
-            raise StageInputError(f"fetch of shard {shard.shard_id} is {fetch.status}, not done")
         return {
-            "fetch": {name: ref["sha256"] for name, ref in sorted(fetch.artifacts.items())},
+            "fetch": upstream_checksums(state, shard.shard_id, "fetch"),
             "settings": settings.detect.output_settings(),
             "model": detector_identity(settings),
         }

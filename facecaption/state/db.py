@@ -75,9 +75,11 @@ def stop_embedded_postgres(home: Path) -> bool:
     pgdata = home / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return False
-    import pgserver
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning
+        import pgserver
 
-    pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
     return True
 
 
