@@ -11,7 +11,11 @@ import pendulum
 from airflow.sdk import Param, dag, task, task_group
 from facecaption_operators import GpuShardStageOperator, ShardStageOperator
 
+from facecaption.pipeline import WORK_STATUSES
 from facecaption.settings import Settings
+from facecaption.stages import stage_registry
+
+STAGES = list(stage_registry())
 
 
 @dag(
@@ -21,6 +25,7 @@ from facecaption.settings import Settings
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
+    render_template_as_native_obj=True,  # params.force and params.stages stay bool and list
     tags=["facecaption"],
     # A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
     default_args={
@@ -35,6 +40,7 @@ from facecaption.settings import Settings
             title="Source parquet",
             description="Parquet file(s), folder or glob (any fsspec URL) with a url column."
             " Planned first; leave empty to work on shards already registered.",
+            section="What to work on",
         ),
         "shard_ids": Param(
             [],
@@ -43,25 +49,70 @@ from facecaption.settings import Settings
             title="Shards",
             description="Only these shard ids (see `facecaption status`). Empty: all shards of"
             " the source, or all registered shards when no source is given.",
+            section="What to work on",
+        ),
+        "status": Param(
+            "all",
+            type="string",
+            enum=list(WORK_STATUSES),
+            title="Status filter",
+            description="all: every chosen shard; pending: some chosen stage not done; failed:"
+            " some chosen stage failed; stale: some chosen stage done with other inputs,"
+            " settings or model than now.",
+            section="What to work on",
+        ),
+        "stages": Param(
+            STAGES,
+            type="array",
+            items={"type": "string", "enum": STAGES},
+            examples=STAGES,
+            title="Stages",
+            description="Stages to run; the others are left as they are.",
+            section="What to work on",
+        ),
+        "max_shards": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Max shards",
+            description="Work on at most this many shards in this run.",
+            section="What to work on",
         ),
         "force": Param(
             False,
             type="boolean",
             title="Force",
-            description="Re-run shards whose stages are already done with the same inputs.",
+            description="Re-run stages that are already done with the same inputs (fetch then"
+            " keeps final rows and retries only transient failures).",
+            section="How",
         ),
     },
 )
 def facecaption_build() -> None:
     @task
     def plan(**context: Any) -> list[str]:
+        from airflow.configuration import conf
+
         from facecaption.pipeline import Pipeline
 
         params = context["params"]
         source = params["source"]
         sources = [source] if isinstance(source, str) else list(source or [])
         with Pipeline.open() as pipeline:
-            return pipeline.select_shards(sources, params["shard_ids"])
+            shard_ids = pipeline.select_work(
+                sources,
+                params["shard_ids"],
+                stages=params["stages"],
+                status=params["status"],
+                max_shards=params["max_shards"],
+            )
+        limit = conf.getint("core", "max_map_length")
+        if len(shard_ids) > limit:
+            raise ValueError(
+                f"{len(shard_ids)} shards but [core] max_map_length is {limit}: set Max shards"
+                " (and trigger more runs), filter by status, or raise max_map_length"
+            )
+        return shard_ids
 
     @task_group
     def process_shard(shard_id: str) -> None:
@@ -71,6 +122,7 @@ def facecaption_build() -> None:
                 stage=name,
                 shard_id=shard_id,
                 force="{{ params.force }}",
+                selected_stages="{{ params.stages }}",
                 map_index_template="{{ task.shard_id }}",
             )
 

@@ -13,12 +13,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from facecaption.runner import StageOutcome, run_stage
+from facecaption.runner import StageOutcome, current_fingerprint, get_stage, run_stage
 from facecaption.settings import Settings
-from facecaption.stages import stage_registry
+from facecaption.stages import StageInputError, stage_registry
 from facecaption.stages.plan import PlanReport, plan_sources
 from facecaption.state import ShardState, StageState, UnknownShardError, open_state
 from facecaption.store import ArtifactStore
+
+WORK_STATUSES = ("all", "pending", "failed", "stale")
 
 
 class PlanError(ValueError):
@@ -78,6 +80,54 @@ class Pipeline:
                 )
             return report.shard_ids
         return [shard.shard_id for shard in self.state.list_shards()]
+
+    def select_work(
+        self,
+        sources: list[str] | None = None,
+        shard_ids: list[str] | None = None,
+        *,
+        stages: list[str] | None = None,
+        status: str = "all",
+        max_shards: int | None = None,
+    ) -> list[str]:
+        """Shards (chosen as `select_shards` does) with work in `stages` that matches `status`:
+
+        all      every chosen shard
+        pending  some stage not done yet (pending, running, failed)
+        failed   some stage failed
+        stale    some stage done, but its inputs, settings or model changed since
+        """
+        if status not in WORK_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(WORK_STATUSES)}")
+        stages = stages or self.stage_names
+        unknown = set(stages) - set(self.stage_names)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; known: {self.stage_names}")
+        chosen = self.select_shards(sources, shard_ids)
+        if status != "all":
+            states = {(s.shard_id, s.stage): s for s in self.state.stage_table(chosen)}
+            chosen = [
+                shard_id for shard_id in chosen
+                if any(self._matches(shard_id, stage, states.get((shard_id, stage)), status)
+                       for stage in stages)
+            ]  # fmt: skip
+        return chosen[:max_shards] if max_shards else chosen
+
+    def _matches(self, shard_id: str, stage: str, state: StageState | None, status: str) -> bool:
+        current = state.status if state else "pending"
+        if status == "pending":
+            return current != "done"
+        if status == "failed":
+            return current == "failed"
+        if current != "done":
+            return False
+        try:
+            wanted = current_fingerprint(
+                get_stage(stage), self.state.get_shard(shard_id), self.settings, self.state
+            )
+        except StageInputError:
+            return False  # its input is not done: the earlier stage is the stale one
+        return wanted != state.fingerprint
 
     def run(self, stage: str, shard_id: str, *, force: bool = False) -> StageOutcome:
         return run_stage(stage, shard_id, self.settings, self.state, self.store, force=force)

@@ -21,7 +21,7 @@ from typing import Any
 
 from facecaption.settings import Settings
 from facecaption.stages import Stage, StageContext, stage_registry
-from facecaption.state import ShardState
+from facecaption.state import Shard, ShardState
 from facecaption.state.shards import ImageHashIndex, worker_name
 from facecaption.store import ArtifactStore
 
@@ -56,6 +56,11 @@ def fingerprint(stage: Stage, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def current_fingerprint(stage: Stage, shard: Shard, settings: Settings, state: ShardState) -> str:
+    """The fingerprint the stage would record if it ran on this shard now."""
+    return fingerprint(stage, stage.fingerprint_inputs(shard, settings, state))
+
+
 def get_stage(name: str) -> Stage:
     stages = stage_registry()
     if name not in stages:
@@ -82,7 +87,7 @@ def run_stage(
     shard = state.get_shard(shard_id)
     with state.claim(shard_id, stage.name):
         current = state.get_stage(shard_id, stage.name)
-        wanted = fingerprint(stage, stage.fingerprint_inputs(shard, settings, state))
+        wanted = current_fingerprint(stage, shard, settings, state)
         reusable = (
             current.fingerprint == wanted
             and bool(current.artifacts)

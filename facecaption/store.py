@@ -10,6 +10,7 @@ sees a half-written artifact under its final name, and a killed writer leaves at
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -45,6 +46,18 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_file_sha256(path: Path) -> str:
+    """sha256 of a model file, hashed once per process while its size and mtime stay the same
+    (fingerprints of thousands of shards name the same model)."""
+    stat = path.stat()
+    return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 class ArtifactStore:

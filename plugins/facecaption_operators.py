@@ -16,21 +16,32 @@ from airflow.sdk import BaseOperator
 class ShardStageOperator(BaseOperator):
     """Run `stage` on `shard_id`; XCom gets the outcome's ids and counts, never data."""
 
-    template_fields = ("shard_id", "force")
+    template_fields = ("shard_id", "force", "selected_stages")
     ui_color = "#e8f1fb"
 
     def __init__(
-        self, *, stage: str, shard_id: str, force: bool | str = False, **kwargs: Any
+        self,
+        *,
+        stage: str,
+        shard_id: str,
+        force: bool | str = False,
+        selected_stages: list[str] | str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
         self.shard_id = shard_id
         self.force = force
+        self.selected_stages = selected_stages  # None: every stage runs
 
     def execute(self, context: Any) -> dict[str, Any]:
         from facecaption.pipeline import Pipeline
 
         force = self.force if isinstance(self.force, bool) else self.force.lower() == "true"
+        if self.selected_stages is not None and self.stage not in self.selected_stages:
+            # Not skipped: a skip would also skip the later stages, which may be selected.
+            self.log.info("%s %s: not selected in this run", self.stage, self.shard_id)
+            return {"shard_id": self.shard_id, "stage": self.stage, "status": "not_selected"}
         with Pipeline.open() as pipeline:
             outcome = pipeline.run(self.stage, self.shard_id, force=force)
         self.log.info("%s %s: %s %s", self.stage, self.shard_id, outcome.status, outcome.counts)

@@ -11,7 +11,7 @@ from pathlib import Path
 from facecaption.models.cache import ModelCache
 from facecaption.models.detector import FaceDetector, ModelNotFoundError
 from facecaption.settings import Settings
-from facecaption.store import sha256_file
+from facecaption.store import model_file_sha256
 
 # Candidates come back down to these scores so that the stage can count what its own
 # thresholds drop; they are not the keep thresholds (`min_score`, `cascade_min_score`).
@@ -37,7 +37,7 @@ def detector_identity(settings: Settings) -> str:
 
         return cascade_identity()
     path = detector_model_file(settings)
-    return f"{path.name}@sha256:{sha256_file(path)}"
+    return f"{path.name}@sha256:{model_file_sha256(path)}"
 
 
 def load_detector(settings: Settings) -> FaceDetector:

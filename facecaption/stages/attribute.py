@@ -29,7 +29,7 @@ from facecaption.settings import Settings
 from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.detect import TAR_NAME as FACES_TAR
 from facecaption.state import Shard, ShardState
-from facecaption.store import sha256_file
+from facecaption.store import model_file_sha256, sha256_file
 from facecaption.writers import write_parquet
 
 PARQUET_NAME = "attributes.parquet"
@@ -105,7 +105,7 @@ class AttributeStage:
         return {
             "detect": upstream,
             "settings": settings.attribute.output_settings(),
-            "model": f"{model.name}@sha256:{sha256_file(model)}",
+            "model": f"{model.name}@sha256:{model_file_sha256(model)}",
             "sidecar": sha256_file(model.with_suffix(".json")),
         }
 
