@@ -8,11 +8,10 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task, task_group
-from facecaption_operators import GpuShardStageOperator, ShardStageOperator
+from airflow.sdk import Param, dag, task
+from facecaption_tasks import check_map_length, process_shards
 
 from facecaption.pipeline import WORK_STATUSES
-from facecaption.settings import Settings
 from facecaption.stages import stage_registry
 
 STAGES = list(stage_registry())
@@ -91,8 +90,6 @@ STAGES = list(stage_registry())
 def facecaption_build() -> None:
     @task
     def plan(**context: Any) -> list[str]:
-        from airflow.configuration import conf
-
         from facecaption.pipeline import Pipeline
 
         params = context["params"]
@@ -106,49 +103,9 @@ def facecaption_build() -> None:
                 status=params["status"],
                 max_shards=params["max_shards"],
             )
-        limit = conf.getint("core", "max_map_length")
-        if len(shard_ids) > limit:
-            raise ValueError(
-                f"{len(shard_ids)} shards but [core] max_map_length is {limit}: set Max shards"
-                " (and trigger more runs), filter by status, or raise max_map_length"
-            )
-        return shard_ids
+        return check_map_length(shard_ids)
 
-    @task_group
-    def process_shard(shard_id: str) -> None:
-        def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
-            return operator(
-                task_id=name,
-                stage=name,
-                shard_id=shard_id,
-                force="{{ params.force }}",
-                selected_stages="{{ params.stages }}",
-                map_index_template="{{ task.shard_id }}",
-            )
-
-        # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
-        caption_operator = (
-            ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
-        )
-        (
-            stage(ShardStageOperator, "fetch")
-            >> stage(GpuShardStageOperator, "detect")
-            >> stage(GpuShardStageOperator, "attribute")
-            >> stage(caption_operator, "caption")
-        )
-
-    @task(trigger_rule="all_done")
-    def summary(shard_ids: list[str]) -> dict[str, Any]:
-        from facecaption.pipeline import Pipeline, status_totals
-        from facecaption.report import format_status
-
-        with Pipeline.open() as pipeline:
-            rows = pipeline.status(shard_ids)
-        print(format_status(rows))
-        return status_totals(rows)
-
-    shard_ids = plan()
-    process_shard.expand(shard_id=shard_ids) >> summary(shard_ids)
+    process_shards(plan(), force="{{ params.force }}", stages="{{ params.stages }}")
 
 
 facecaption_build()

@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
         help="re-run shards that are done (fetch keeps final rows and retries transient ones)",
     )
     run.add_argument(
+        "--retry-transient",
+        action="store_true",
+        help="also run done stages that left retryable work (fetch rows that failed transiently)",
+    )
+    run.add_argument(
         "--jobs", type=int, default=1, help="shards run at once, one process each (e.g. cores)"
     )
     run.set_defaults(handler=_run)
@@ -163,7 +168,10 @@ def _run(args: argparse.Namespace) -> int:
         stages = args.stage or pipeline.stage_names
         shard_ids = pipeline.select_shards(args.source, args.shard)
     failures = 0
-    for shard_run in run_shards(settings, shard_ids, stages, force=args.force, jobs=args.jobs):
+    for shard_run in run_shards(
+        settings, shard_ids, stages, force=args.force, retry_transient=args.retry_transient,
+        jobs=args.jobs,
+    ):  # fmt: skip
         for outcome in shard_run.outcomes:
             print(
                 f"{outcome.shard_id} {outcome.stage}: {outcome.status} {json.dumps(outcome.counts)}"

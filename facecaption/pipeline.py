@@ -13,14 +13,20 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from facecaption.runner import StageOutcome, current_fingerprint, get_stage, run_stage
+from facecaption.runner import (
+    RETRYABLE,
+    StageOutcome,
+    current_fingerprint,
+    get_stage,
+    run_stage,
+)
 from facecaption.settings import Settings
 from facecaption.stages import StageInputError, stage_registry
 from facecaption.stages.plan import PlanReport, plan_sources
 from facecaption.state import ShardState, StageState, UnknownShardError, open_state
 from facecaption.store import ArtifactStore
 
-WORK_STATUSES = ("all", "pending", "failed", "stale")
+WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
 
 
 class PlanError(ValueError):
@@ -92,10 +98,12 @@ class Pipeline:
     ) -> list[str]:
         """Shards (chosen as `select_shards` does) with work in `stages` that matches `status`:
 
-        all      every chosen shard
-        pending  some stage not done yet (pending, running, failed)
-        failed   some stage failed
-        stale    some stage done, but its inputs, settings or model changed since
+        all        every chosen shard
+        pending    some stage not done yet (pending, running, failed)
+        failed     some stage failed
+        stale      some stage done, but its inputs, settings or model changed since
+        retryable  some stage done with work to try again (fetch rows that timed out, ...)
+        work       any of pending, stale or retryable: what a refresh runs
         """
         if status not in WORK_STATUSES:
             raise ValueError(f"status must be one of {', '.join(WORK_STATUSES)}")
@@ -114,7 +122,14 @@ class Pipeline:
         return chosen[:max_shards] if max_shards else chosen
 
     def _matches(self, shard_id: str, stage: str, state: StageState | None, status: str) -> bool:
+        if status == "work":
+            return any(
+                self._matches(shard_id, stage, state, one)
+                for one in ("pending", "retryable", "stale")
+            )
         current = state.status if state else "pending"
+        if status == "retryable":
+            return current == "done" and bool(state.counts.get(RETRYABLE, 0))
         if status == "pending":
             return current != "done"
         if status == "failed":
@@ -129,8 +144,13 @@ class Pipeline:
             return False  # its input is not done: the earlier stage is the stale one
         return wanted != state.fingerprint
 
-    def run(self, stage: str, shard_id: str, *, force: bool = False) -> StageOutcome:
-        return run_stage(stage, shard_id, self.settings, self.state, self.store, force=force)
+    def run(
+        self, stage: str, shard_id: str, *, force: bool = False, retry_transient: bool = False
+    ) -> StageOutcome:
+        return run_stage(
+            stage, shard_id, self.settings, self.state, self.store,
+            force=force, retry_transient=retry_transient,
+        )  # fmt: skip
 
     def status(self, shard_ids: list[str] | None = None) -> list[ShardStatusRow]:
         shards = self.state.list_shards()
@@ -166,13 +186,18 @@ class ShardRun:
     error: str | None = None
 
 
-def run_shard(settings: Settings, shard_id: str, stages: list[str], force: bool) -> ShardRun:
+def run_shard(
+    settings: Settings, shard_id: str, stages: list[str], force: bool,
+    retry_transient: bool = False,
+) -> ShardRun:  # fmt: skip
     """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)."""
     outcomes = []
     with Pipeline.open(settings) as pipeline:
         for stage in stages:
             try:
-                outcomes.append(pipeline.run(stage, shard_id, force=force))
+                outcomes.append(
+                    pipeline.run(stage, shard_id, force=force, retry_transient=retry_transient)
+                )
             except Exception as error:  # the state DB has the failure; report it and stop
                 return ShardRun(shard_id, outcomes, f"{stage}: {type(error).__name__}: {error}")
     return ShardRun(shard_id, outcomes)
@@ -184,13 +209,14 @@ def run_shards(
     stages: list[str],
     *,
     force: bool = False,
+    retry_transient: bool = False,
     jobs: int = 1,
 ) -> Iterator[ShardRun]:
     """Run stages on shards, `jobs` shards at a time in separate processes (one per core is
     the usual choice: each process downloads with many connections of its own)."""
     if jobs <= 1:
         for shard_id in shard_ids:
-            yield run_shard(settings, shard_id, stages, force)
+            yield run_shard(settings, shard_id, stages, force, retry_transient)
         return
     # spawn: a forked child would inherit the parent's DB connections and event loop state
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

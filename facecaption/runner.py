@@ -3,7 +3,8 @@
 The order of events is what makes runs safe to kill and repeat:
 1. take the (shard, stage) lock, or fail fast with ShardBusyError;
 2. compute the fingerprint (stage version + inputs + output-affecting settings); if the stage
-   is `done` with the same fingerprint and its artifacts exist, do nothing (unless forced);
+   is `done` with the same fingerprint and its artifacts exist, do nothing (unless forced, or
+   asked to retry the `retryable` work it reported);
    a forced run may reuse what is final in those artifacts;
 3. mark a new attempt `running`, remove temporary files a killed attempt left behind;
 4. run the stage, which publishes its artifacts atomically;
@@ -24,6 +25,8 @@ from facecaption.stages import Stage, StageContext, stage_registry
 from facecaption.state import Shard, ShardState
 from facecaption.state.shards import ImageHashIndex, worker_name
 from facecaption.store import ArtifactStore
+
+RETRYABLE = "retryable"  # a count a stage reports for work a later run should try again
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,13 @@ def run_stage(
     *,
     force: bool = False,
     fresh: bool = False,
+    retry_transient: bool = False,
 ) -> StageOutcome:
     """Run a stage on a shard unless it is done with the same fingerprint.
 
     `force` runs it anyway; the stage may then keep what is final in its earlier outputs
-    (the fetch stage re-tries only transient failures). `fresh` also ignores those outputs.
+    (the fetch stage re-tries only transient failures). `retry_transient` runs it only when it
+    left `retryable` work (what a refresh does). `fresh` also ignores earlier outputs.
     """
     stage = get_stage(stage_name)
     shard = state.get_shard(shard_id)
@@ -93,7 +98,11 @@ def run_stage(
             and bool(current.artifacts)
             and all(store.exists(store.shard_path(shard_id, n)) for n in stage.artifact_names)
         )
-        if reusable and current.status == "done" and not force:
+        # With retry_transient, a stage that left retryable work (fetch rows that timed out,
+        # ...) is not up to date.
+        retry = retry_transient and bool(current.counts.get(RETRYABLE, 0))
+        up_to_date = reusable and not retry
+        if up_to_date and current.status == "done" and not force:
             return StageOutcome(
                 shard_id, stage.name, "skipped", current.attempt, current.counts, current.artifacts
             )

@@ -195,6 +195,17 @@ class CaptionSettings(StageModelSettings):
     )  # fmt: skip
 
 
+class RefreshSettings(BaseModel):
+    """The scheduled refresh: which sources it re-plans and how often it runs."""
+
+    schedule: str | None = Field(
+        "@daily", description="cron or preset for the refresh DAG; unset: manual only"
+    )
+    sources: list[str] = Field(
+        [], description="parquet files, folders or globs re-planned each time (new files)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
@@ -213,6 +224,7 @@ class Settings(BaseSettings):
     detect: DetectSettings = DetectSettings()
     attribute: AttributeSettings = AttributeSettings()
     caption: CaptionSettings = CaptionSettings()
+    refresh: RefreshSettings = RefreshSettings()
     models_dir: Path | None = Field(
         None, description="model cache (`facecaption models pull`); unset: {home}/models"
     )

@@ -17,6 +17,7 @@ class ShardStageOperator(BaseOperator):
     """Run `stage` on `shard_id`; XCom gets the outcome's ids and counts, never data."""
 
     template_fields = ("shard_id", "force", "selected_stages")
+    # retry_transient is fixed per DAG (the refresh sets it), not templated
     ui_color = "#e8f1fb"
 
     def __init__(
@@ -26,6 +27,7 @@ class ShardStageOperator(BaseOperator):
         shard_id: str,
         force: bool | str = False,
         selected_stages: list[str] | str | None = None,
+        retry_transient: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -33,6 +35,7 @@ class ShardStageOperator(BaseOperator):
         self.shard_id = shard_id
         self.force = force
         self.selected_stages = selected_stages  # None: every stage runs
+        self.retry_transient = retry_transient
 
     def execute(self, context: Any) -> dict[str, Any]:
         from facecaption.pipeline import Pipeline
@@ -43,7 +46,9 @@ class ShardStageOperator(BaseOperator):
             self.log.info("%s %s: not selected in this run", self.stage, self.shard_id)
             return {"shard_id": self.shard_id, "stage": self.stage, "status": "not_selected"}
         with Pipeline.open() as pipeline:
-            outcome = pipeline.run(self.stage, self.shard_id, force=force)
+            outcome = pipeline.run(
+                self.stage, self.shard_id, force=force, retry_transient=self.retry_transient
+            )
         self.log.info("%s %s: %s %s", self.stage, self.shard_id, outcome.status, outcome.counts)
         return outcome.summary()
 

@@ -23,7 +23,7 @@ def dagbag(airflow_db):
 
 def test_dags_import_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert "facecaption_build" in dagbag.dag_ids
+    assert {"facecaption_build", "facecaption_refresh"} <= set(dagbag.dag_ids)
 
 
 def test_build_dag_params_explain_themselves(dagbag):

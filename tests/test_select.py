@@ -9,9 +9,9 @@ from facecaption.pipeline import Pipeline
 from facecaption.sampledata import write_source
 
 
-@pytest.fixture
-def built(tmp_path, settings, sample, sample_site):
-    """Three shards of the sample source, every stage done (offline models)."""
+def build_all(tmp_path, settings, sample, sample_site):
+    """Three shards of the sample source, every stage done (offline models); returns
+    (settings, shard ids, source)."""
     settings = settings.model_copy(update={"shard_size": 8})
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
     with Pipeline.open(settings) as pipeline:
@@ -20,6 +20,11 @@ def built(tmp_path, settings, sample, sample_site):
             for stage in pipeline.stage_names:
                 pipeline.run(stage, shard_id)
     return settings, shard_ids, source
+
+
+@pytest.fixture
+def built(tmp_path, settings, sample, sample_site):
+    return build_all(tmp_path, settings, sample, sample_site)
 
 
 def test_nothing_is_pending_failed_or_stale_after_a_full_build(built):

@@ -166,6 +166,8 @@ class FetchStage:
                 "bytes": sum(r["bytes"] or 0 for r in records if r["status"] == "ok"),
                 "fetched": len(to_fetch),
                 "reused": len(kept),
+                # rows a later run will try again (the runner re-runs a stage that has some)
+                "retryable": sum(retry_later(r["status"], r["http_status"]) for r in records),
             },
             artifacts={TAR_NAME: tar_ref, PARQUET_NAME: parquet_ref},
             warnings=error_rate_warnings(statuses, limits.warn_error_rate),

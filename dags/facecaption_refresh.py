@@ -1,0 +1,62 @@
+"""Refresh DAG: on a schedule (setting `refresh.schedule`, daily by default), re-plan the
+configured sources so that new files add their shards, then run exactly the work that is not
+up to date: new or failed shards, stages whose fingerprint changed (a model, threshold,
+grammar or prompt), and fetch rows that failed transiently. Up-to-date work is never re-run.
+All logic lives in the `facecaption` package; this file only wires it up."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, task
+from facecaption_tasks import check_map_length, process_shards
+
+from facecaption.settings import Settings
+
+
+@dag(
+    dag_id="facecaption_refresh",
+    description="Scheduled: new source files, stale stages, retryable rows; nothing else.",
+    schedule=Settings().refresh.schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    tags=["facecaption"],
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+    },
+    params={
+        "max_shards": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Max shards",
+            description="Work on at most this many shards in this run (the rest next time).",
+        ),
+    },
+)
+def facecaption_refresh() -> None:
+    @task
+    def find_work(**context: Any) -> list[str]:
+        from facecaption.pipeline import Pipeline, PlanError
+
+        with Pipeline.open() as pipeline:
+            sources = pipeline.settings.refresh.sources
+            if sources:
+                report = pipeline.plan(sources)
+                if report.errors:
+                    raise PlanError("; ".join(f"{u}: {e}" for u, e in report.errors.items()))
+            shard_ids = pipeline.select_work(
+                status="work", max_shards=context["params"]["max_shards"]
+            )
+        return check_map_length(shard_ids)
+
+    process_shards(find_work(), retry_transient=True)
+
+
+facecaption_refresh()

@@ -1,0 +1,69 @@
+"""The per-shard part every facecaption DAG shares: one mapped task group per shard
+(fetch -> detect -> attribute -> caption) and a summary. DAG files supply the shard ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import task, task_group
+from facecaption_operators import GpuShardStageOperator, ShardStageOperator
+
+from facecaption.settings import Settings
+
+
+def process_shards(
+    shard_ids: Any,
+    force: str = "False",
+    stages: str | None = None,
+    retry_transient: bool = False,
+) -> None:
+    """Wire the mapped shard groups and the summary after the task producing `shard_ids`."""
+
+    @task_group
+    def process_shard(shard_id: str) -> None:
+        def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
+            return operator(
+                task_id=name,
+                stage=name,
+                shard_id=shard_id,
+                force=force,
+                selected_stages=stages,
+                retry_transient=retry_transient,
+                map_index_template="{{ task.shard_id }}",
+            )
+
+        # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
+        caption_operator = (
+            ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
+        )
+        (
+            stage(ShardStageOperator, "fetch")
+            >> stage(GpuShardStageOperator, "detect")
+            >> stage(GpuShardStageOperator, "attribute")
+            >> stage(caption_operator, "caption")
+        )
+
+    @task(trigger_rule="all_done")
+    def summary(shard_ids: list[str]) -> dict[str, Any]:
+        from facecaption.pipeline import Pipeline, status_totals
+        from facecaption.report import format_status
+
+        with Pipeline.open() as pipeline:
+            rows = pipeline.status(shard_ids)
+        print(format_status(rows))
+        return status_totals(rows)
+
+    process_shard.expand(shard_id=shard_ids) >> summary(shard_ids)
+
+
+def check_map_length(shard_ids: list[str]) -> list[str]:
+    """Refuse a plan Airflow would refuse later, with the fix in the message."""
+    from airflow.configuration import conf
+
+    limit = conf.getint("core", "max_map_length")
+    if len(shard_ids) > limit:
+        raise ValueError(
+            f"{len(shard_ids)} shards but [core] max_map_length is {limit}: set Max shards"
+            " (and trigger more runs), filter by status, or raise max_map_length"
+        )
+    return shard_ids
