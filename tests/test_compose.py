@@ -34,3 +34,35 @@ def test_compose_keeps_facecaption_state_out_of_airflow_metadata_db():
     state_db = env["FACECAPTION_DB_URL"].rsplit("/", 1)[1]
     assert airflow_db != state_db
     assert int(env["AIRFLOW__CORE__MAX_MAP_LENGTH"]) > 1024
+
+
+def test_compose_runs_celery_with_a_cpu_and_a_gpu_worker():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    env = compose["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert "@redis:6379" in env["AIRFLOW__CELERY__BROKER_URL"]
+    assert {"redis", "airflow-worker", "airflow-worker-gpu"} <= set(services)
+    gpu = services["airflow-worker-gpu"]
+    assert "-q gpu" in gpu["command"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["build"]["args"]["FACECAPTION_EXTRA"] == "gpu"
+    init = " ".join(services["airflow-init"]["command"])
+    assert "airflow pools set gpu" in init and "facecaption db upgrade" in init
+
+
+def test_compose_refers_only_to_what_the_repo_has():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    root = COMPOSE.parent
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            assert (root / build["context"] / "Dockerfile").is_file(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (root / source).is_dir(), (name, source)
+    dockerfile = (root / "Dockerfile").read_text()
+    for copied in ("pyproject.toml", "README.md", "facecaption/", "sql/"):
+        assert copied in dockerfile and (root / copied).exists(), copied
