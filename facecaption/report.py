@@ -70,3 +70,87 @@ def status_json(rows: list[ShardStatusRow]) -> dict[str, Any]:
             for row in rows
         ],
     }
+
+
+_STATUS_COLOURS = {"done": "#1a7f37", "failed": "#cf222e", "running": "#9a6700",
+                   "pending": "#57606a"}  # fmt: skip
+
+
+def status_html(
+    rows: list[ShardStatusRow], *, status: str = "", stage: str = "", query: str = ""
+) -> str:
+    """The shard view: shards x stages with status, counts, attempt and last error, filtered
+    by a stage's status and a shard-id substring; each shard links to its history."""
+    from html import escape
+
+    stages = list(rows[0].stages) if rows else []
+    shown = [
+        row for row in rows
+        if query in row.shard_id
+        and (not status or any(
+            state.status == status for name, state in row.stages.items()
+            if not stage or name == stage
+        ))
+    ]  # fmt: skip
+    options = "".join(
+        f'<option value="{s}"{" selected" if s == status else ""}>{s or "any status"}</option>'
+        for s in ("", *_STATUS_COLOURS)
+    )
+    stage_options = "".join(
+        f'<option value="{s}"{" selected" if s == stage else ""}>{s or "any stage"}</option>'
+        for s in ("", *stages)
+    )
+    header = "".join(f"<th>{escape(name)}</th>" for name in stages)
+    body = []
+    for row in shown:
+        cells = []
+        for name, state in row.stages.items():
+            colour = _STATUS_COLOURS.get(state.status, "#57606a")
+            title = escape(
+                state.last_error or ", ".join(f"{k} {v}" for k, v in state.counts.items())
+            )
+            cells.append(
+                f'<td title="{title}"><span class="status" style="color:{colour}">'
+                f"{escape(_cell(name, state.status, state.counts))}</span>"
+                f"<br><small>attempt {state.attempt}</small></td>"
+            )
+        body.append(
+            f'<tr data-shard="{escape(row.shard_id)}"><td><a href="shards/{escape(row.shard_id)}">'
+            f"{escape(row.shard_id)}</a></td><td>{escape(row.source)}</td><td>{row.rows}</td>"
+            + "".join(cells)
+            + "</tr>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>facecaption shards</title>"
+        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:left}</style></head><body>"
+        f"<h1>facecaption shards</h1><p>{len(shown)} of {len(rows)} shards</p>"
+        f'<form method="get"><select name="stage">{stage_options}</select>'
+        f'<select name="status">{options}</select>'
+        f'<input name="q" value="{escape(query)}" placeholder="shard id contains">'
+        '<button type="submit">filter</button></form>'
+        f"<table><thead><tr><th>shard</th><th>source</th><th>rows</th>{header}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></body></html>"
+    )
+
+
+def history_html(shard_id: str, events: list[dict[str, Any]], rerun_conf: str) -> str:
+    """One shard's attempt history, newest first, and how to re-run it."""
+    from html import escape
+
+    rows = "".join(
+        f"<tr><td>{escape(str(e['at']))}</td><td>{escape(e['stage'])}</td><td>{e['attempt']}"
+        f"</td><td>{escape(e['event'])}</td><td>{escape(e['worker'] or '')}</td>"
+        f"<td>{escape(e['error'] or '')}</td></tr>"
+        for e in sorted(events, key=lambda e: e["event_id"], reverse=True)
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{escape(shard_id)}</title></head><body><h1>{escape(shard_id)}</h1>"
+        "<h2>Re-run this shard</h2><p>Trigger <b>facecaption_build</b> with this conf (UI:"
+        " Trigger DAG, or <code>POST /api/v2/dags/facecaption_build/dagRuns</code> with"
+        f' <code>{{"logical_date": null, "conf": ...}}</code>):</p><pre>{escape(rerun_conf)}</pre>'
+        "<h2>History</h2><table><thead><tr><th>at</th><th>stage</th><th>attempt</th>"
+        f"<th>event</th><th>worker</th><th>error</th></tr></thead><tbody>{rows}</tbody></table>"
+        "</body></html>"
+    )

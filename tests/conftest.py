@@ -34,6 +34,9 @@ os.environ.update(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
     }
 )
+# Airflow puts its plugins folder on sys.path; tests importing our plugins need the same.
+sys.path.insert(0, str(REPO / "plugins"))
+
 # Settings under test come from fixtures, never from the developer's own environment.
 for _name in [
     k for k in os.environ if k.startswith("FACECAPTION_") and k != "FACECAPTION_TEST_DB_URL"

@@ -377,18 +377,14 @@ class ShardState:
             {"s": shard_id, "t": stage, "n": attempt, "ev": event, **values},
         )
 
-    def events(self, shard_id: str, stage: str) -> list[dict[str, Any]]:
+    def events(self, shard_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        """The attempt history of a shard's stage (or of all its stages), oldest first."""
+        query = "SELECT * FROM stage_events WHERE shard_id = :s"
+        if stage is not None:
+            query += " AND stage = :t"
         with self.engine.connect() as conn:
-            return [
-                dict(row)
-                for row in conn.execute(
-                    sa.text(
-                        "SELECT * FROM stage_events WHERE shard_id = :s AND stage = :t"
-                        " ORDER BY event_id"
-                    ),
-                    {"s": shard_id, "t": stage},
-                ).mappings()
-            ]
+            rows = conn.execute(sa.text(query + " ORDER BY event_id"), {"s": shard_id, "t": stage})
+            return [dict(row) for row in rows.mappings()]
 
 
 class ImageHashIndex:

@@ -1,0 +1,58 @@
+"""The shard view the Airflow plugin serves, over real HTTP handling (FastAPI's test client)
+against a real state DB."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from test_select import build_all
+
+from facecaption.pipeline import Pipeline
+
+
+@pytest.fixture
+def client(tmp_path, settings, settings_env, sample, sample_site, monkeypatch, airflow_db):
+    from facecaption_plugin import FacecaptionPlugin, create_app
+
+    assert FacecaptionPlugin.fastapi_apps[0]["url_prefix"] == "/facecaption"
+    settings, shard_ids, _ = build_all(tmp_path, settings, sample, sample_site)
+    for name, value in settings_env.items():
+        monkeypatch.setenv(name, value)
+    with Pipeline.open(settings) as pipeline:
+        state = pipeline.state
+        with state.claim(shard_ids[1], "caption"):
+            attempt = state.mark_running(shard_ids[1], "caption", "fp", "worker-7")
+            state.mark_failed(shard_ids[1], "caption", attempt, "RuntimeError: GPU fell over")
+    return TestClient(create_app()), shard_ids
+
+
+def test_shard_view_lists_every_shard_and_stage_status(client):
+    http, shard_ids = client
+    page = http.get("/shards")
+    assert page.status_code == 200
+    rows = re.findall(r'<tr data-shard="([^"]+)">', page.text)
+    assert rows == shard_ids
+    statuses = re.findall(r'<span class="status"[^>]*>([^<]+)</span>', page.text)
+    assert len(statuses) == 3 * 4 and statuses.count("failed") == 1
+    assert "done 7/8" in statuses
+    assert "RuntimeError: GPU fell over" in page.text  # the last error, on hover
+
+
+def test_shard_view_filters_by_status_stage_and_id(client):
+    http, shard_ids = client
+    failed = http.get("/shards", params={"status": "failed", "stage": "caption"}).text
+    assert re.findall(r'<tr data-shard="([^"]+)">', failed) == [shard_ids[1]]
+    assert "1 of 3 shards" in failed
+    by_id = http.get("/shards", params={"q": shard_ids[2][-9:]}).text
+    assert re.findall(r'<tr data-shard="([^"]+)">', by_id) == [shard_ids[2]]
+
+
+def test_shard_history_shows_attempts_and_the_rerun_conf(client):
+    http, shard_ids = client
+    page = http.get(f"/shards/{shard_ids[1]}").text
+    assert "worker-7" in page and "GPU fell over" in page
+    assert page.count("<tr>") >= 2 * 4  # started + done for each stage, and more
+    assert f"&quot;shard_ids&quot;: [&quot;{shard_ids[1]}&quot;]" in page
+    assert http.get("/shards/no-such-shard").status_code == 404
