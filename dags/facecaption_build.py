@@ -4,12 +4,11 @@ then detect, attribute and caption on GPU workers), then a summary. All logic li
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from facecaption_tasks import check_map_length, process_shards
+from facecaption_tasks import DEFAULT_ARGS, check_map_length, max_shards_param, process_shards
 
 from facecaption.pipeline import WORK_STATUSES
 from facecaption.stages import stage_registry
@@ -26,12 +25,7 @@ STAGES = list(stage_registry())
     max_active_runs=4,
     render_template_as_native_obj=True,  # params.force and params.stages stay bool and list
     tags=["facecaption"],
-    # A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-    },
+    default_args=DEFAULT_ARGS,
     params={
         "source": Param(
             None,
@@ -69,14 +63,7 @@ STAGES = list(stage_registry())
             description="Stages to run; the others are left as they are.",
             section="What to work on",
         ),
-        "max_shards": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Max shards",
-            description="Work on at most this many shards in this run.",
-            section="What to work on",
-        ),
+        "max_shards": max_shards_param(section="What to work on"),
         "force": Param(
             False,
             type="boolean",

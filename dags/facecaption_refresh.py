@@ -6,12 +6,11 @@ All logic lives in the `facecaption` package; this file only wires it up."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task
-from facecaption_tasks import check_map_length, process_shards
+from airflow.sdk import dag, task
+from facecaption_tasks import DEFAULT_ARGS, check_map_length, max_shards_param, process_shards
 
 from facecaption.settings import Settings
 
@@ -25,19 +24,9 @@ from facecaption.settings import Settings
     max_active_runs=1,
     render_template_as_native_obj=True,
     tags=["facecaption"],
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-    },
+    default_args=DEFAULT_ARGS,
     params={
-        "max_shards": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Max shards",
-            description="Work on at most this many shards in this run (the rest next time).",
-        ),
+        "max_shards": max_shards_param(),
     },
 )
 def facecaption_refresh() -> None:

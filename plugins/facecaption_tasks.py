@@ -3,12 +3,31 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import task, task_group
+from airflow.sdk import Param, task, task_group
 from facecaption_operators import GpuShardStageOperator, ShardStageOperator
 
 from facecaption.settings import Settings
+
+# A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
+DEFAULT_ARGS = {
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+}
+
+
+def max_shards_param(**extra: Any) -> Param:
+    return Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max shards",
+        description="Work on at most this many shards in this run (the rest in later runs).",
+        **extra,
+    )
 
 
 def process_shards(
