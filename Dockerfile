@@ -16,7 +16,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 USER root
-# build-essential: insightface (cpu extra) ships only an sdist with C++ extensions.
+# build-essential: for dependencies without a wheel for the image's platform (insightface
+# before 2.x shipped only an sdist with C++ extensions; 2.1 is a pure wheel).
 # libgl1 + libglib2.0-0: shared libraries opencv-python needs at import time.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential libgl1 libglib2.0-0 \
