@@ -17,7 +17,6 @@ from facecaption.runner import (
     RETRYABLE,
     StageOutcome,
     current_fingerprint,
-    get_stage,
     run_stage,
 )
 from facecaption.settings import Settings
@@ -114,35 +113,40 @@ class Pipeline:
         chosen = self.select_shards(sources, shard_ids)
         if status != "all":
             states = {(s.shard_id, s.stage): s for s in self.state.stage_table(chosen)}
+            shards = {shard.shard_id: shard for shard in self.state.list_shards()}
+            registry = stage_registry()
+
+            def stale(shard_id: str, stage: str, state: StageState) -> bool:
+                try:
+                    wanted = current_fingerprint(
+                        registry[stage], shards[shard_id], self.settings, self.state
+                    )
+                except StageInputError:
+                    return False  # its input is not done: the earlier stage is the stale one
+                return wanted != state.fingerprint
+
+            def matches(shard_id: str, stage: str, one: str) -> bool:
+                state = states.get((shard_id, stage))
+                current = state.status if state else "pending"
+                if one == "work":
+                    return any(
+                        matches(shard_id, stage, s) for s in ("pending", "retryable", "stale")
+                    )
+                if one == "pending":
+                    return current != "done"
+                if one == "failed":
+                    return current == "failed"
+                if current != "done":
+                    return False
+                if one == "retryable":
+                    return bool(state.counts.get(RETRYABLE, 0))
+                return stale(shard_id, stage, state)
+
             chosen = [
                 shard_id for shard_id in chosen
-                if any(self._matches(shard_id, stage, states.get((shard_id, stage)), status)
-                       for stage in stages)
+                if any(matches(shard_id, stage, status) for stage in stages)
             ]  # fmt: skip
         return chosen[:max_shards] if max_shards else chosen
-
-    def _matches(self, shard_id: str, stage: str, state: StageState | None, status: str) -> bool:
-        if status == "work":
-            return any(
-                self._matches(shard_id, stage, state, one)
-                for one in ("pending", "retryable", "stale")
-            )
-        current = state.status if state else "pending"
-        if status == "retryable":
-            return current == "done" and bool(state.counts.get(RETRYABLE, 0))
-        if status == "pending":
-            return current != "done"
-        if status == "failed":
-            return current == "failed"
-        if current != "done":
-            return False
-        try:
-            wanted = current_fingerprint(
-                get_stage(stage), self.state.get_shard(shard_id), self.settings, self.state
-            )
-        except StageInputError:
-            return False  # its input is not done: the earlier stage is the stale one
-        return wanted != state.fingerprint
 
     def run(
         self, stage: str, shard_id: str, *, force: bool = False, retry_transient: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,8 @@ class WebDatasetWriter:
         self.close()
 
 
-def read_webdataset(fileobj: Any) -> dict[str, dict[str, bytes]]:
-    """All samples of a (small) webdataset tar, `{key: {ext: bytes}}`; for tests and tools."""
-    samples: dict[str, dict[str, bytes]] = {}
+def iter_webdataset(fileobj: Any) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each file in a webdataset tar, read as a stream."""
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
@@ -59,7 +58,14 @@ def read_webdataset(fileobj: Any) -> dict[str, dict[str, bytes]]:
             key, _, ext = member.name.partition(".")
             extracted = tar.extractfile(member)
             assert extracted is not None
-            samples.setdefault(key, {})[ext] = extracted.read()
+            yield key, ext, extracted.read()
+
+
+def read_webdataset(fileobj: Any) -> dict[str, dict[str, bytes]]:
+    """All samples of a (small) webdataset tar, `{key: {ext: bytes}}`; for tests and tools."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for key, ext, payload in iter_webdataset(fileobj):
+        samples.setdefault(key, {})[ext] = payload
     return samples
 
 

@@ -50,6 +50,17 @@ from facecaption.settings import Settings  # noqa: E402
 from facecaption.state.db import sqlalchemy_url, upgrade  # noqa: E402
 
 LOCAL_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+# Fetch limits for the loopback sample sites: loopback allowed, short timeouts, quick retries.
+LOOPBACK_FETCH = {
+    "allow_networks": ["127.0.0.0/8"],
+    "per_host_rate": 0,
+    "connect_timeout_s": 2,
+    "read_timeout_s": 1,
+    "total_timeout_s": 3,
+    "retries": 2,
+    "backoff_base_s": 0.05,
+    "backoff_max_s": 0.2,
+}
 
 
 def _reachable(url: str) -> bool:
@@ -134,16 +145,7 @@ def settings(tmp_path: Path, db_url: str, statistics_model: Path) -> Settings:
         db_url=db_url,
         store_root=str(tmp_path / "artifacts"),
         shard_size=10_000,
-        fetch={
-            "allow_networks": ["127.0.0.0/8"],  # the loopback sample site
-            "per_host_rate": 0,
-            "connect_timeout_s": 2,
-            "read_timeout_s": 1,
-            "total_timeout_s": 3,
-            "retries": 2,
-            "backoff_base_s": 0.05,
-            "backoff_max_s": 0.2,
-        },
+        fetch=LOOPBACK_FETCH,
         detect={"backend": "cascade"},  # offline; tests that need the ONNX path build one
         attribute={"model_path": str(statistics_model)},
         caption={"backend": "template"},  # tests of the LLM paths set their own

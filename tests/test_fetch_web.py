@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from aiohttp.resolver import ThreadedResolver
+from conftest import LOOPBACK_FETCH
 from PIL import Image
 from test_fetch import fetch_source, routes_source
 
@@ -49,17 +50,7 @@ def urls_source(tmp_path: Path, urls: list[str]) -> Path:
 
 def limits(**overrides: Any) -> FetchSettings:
     """Downloader limits for loopback tests, like the `settings` fixture's."""
-    values: dict[str, Any] = {
-        "allow_networks": ["127.0.0.0/8"],
-        "per_host_rate": 0,
-        "connect_timeout_s": 2,
-        "read_timeout_s": 1,
-        "total_timeout_s": 3,
-        "retries": 2,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.2,
-    }
-    return FetchSettings(**{**values, **overrides})
+    return FetchSettings(**{**LOOPBACK_FETCH, **overrides})
 
 
 def download_all(urls: list[str], fetch: FetchSettings) -> tuple[list[Download], float]:

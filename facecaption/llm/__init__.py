@@ -28,14 +28,20 @@ class Rewriter(Protocol):
         ...
 
 
+def configured_folder(settings: CaptionSettings, models_dir: Path) -> Path:
+    """Where the settings say the transformers model is: `model_path`, else the cache."""
+    if settings.model_path:
+        return Path(settings.model_path).expanduser()
+    return Path(models_dir).expanduser() / "llm" / settings.model
+
+
 def model_folder(settings: CaptionSettings, models_dir: Path) -> Path:
     """The transformers model folder the settings name, or a ModelNotFoundError saying how
     to get one."""
+    folder = configured_folder(settings, models_dir)
     if settings.model_path:
-        folder = Path(settings.model_path).expanduser()
         where = f"FACECAPTION_CAPTION__MODEL_PATH names {folder}"
     else:
-        folder = Path(models_dir).expanduser() / "llm" / settings.model
         where = f"caption model {settings.model!r} is not in the model cache: {folder}"
     if not (folder / "config.json").is_file():
         qwen = folder.name.lower().startswith("qwen")

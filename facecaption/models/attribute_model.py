@@ -31,7 +31,7 @@ from PIL import Image
 from facecaption.attributes import CELEBA_ATTRIBUTES
 from facecaption.models.detector import ModelNotFoundError
 from facecaption.models.runtime import default_providers
-from facecaption.store import sha256_file
+from facecaption.store import model_file_sha256
 
 RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -125,7 +125,7 @@ class OnnxAttributeModel:
         if not model_file.is_file() or not sidecar.is_file():
             raise ModelNotFoundError(f"no attribute model at {model_file} (+ {sidecar.name})")
         self.spec = AttributeModelSpec.load(sidecar)
-        self.model_id = f"{model_file.name}@sha256:{sha256_file(model_file)}"
+        self.model_id = f"{model_file.name}@sha256:{model_file_sha256(model_file)}"
         self.session = onnxruntime.InferenceSession(
             str(model_file), providers=providers or default_providers()
         )

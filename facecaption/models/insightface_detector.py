@@ -19,7 +19,7 @@ from insightface.model_zoo.scrfd import distance2bbox, distance2kps
 
 from facecaption.models.detector import FaceDetection, ModelNotFoundError
 from facecaption.models.runtime import default_providers
-from facecaption.store import sha256_file
+from facecaption.store import model_file_sha256
 
 
 class InsightFaceDetector:
@@ -41,7 +41,7 @@ class InsightFaceDetector:
                 f"no detector model at {model_file}: run `facecaption models pull detector`,"
                 " or use the offline backend with FACECAPTION_DETECT__BACKEND=cascade"
             )
-        self.detector_id = f"{model_file.name}@sha256:{sha256_file(model_file)}"
+        self.detector_id = f"{model_file.name}@sha256:{model_file_sha256(model_file)}"
         model = get_model(str(model_file), providers=providers or default_providers())
         if not isinstance(model, SCRFD):
             raise ValueError(f"{model_file} is not a face detector insightface can decode")

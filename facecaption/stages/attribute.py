@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.detect import TAR_NAME as FACES_TAR
 from facecaption.state import Shard, ShardState
 from facecaption.store import model_file_sha256, sha256_file
-from facecaption.writers import write_parquet
+from facecaption.writers import iter_webdataset, write_parquet
 
 PARQUET_NAME = "attributes.parquet"
 
@@ -67,18 +66,13 @@ def attribute_model_file(settings: Settings) -> Path:
 def face_crops(tar_file: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
     """(face_id, RGB crop) from a faces tar, read as a stream (image, then its json)."""
     pending: dict[str, bytes] = {}
-    with tarfile.open(fileobj=tar_file, mode="r|") as tar:
-        for member in tar:
-            extracted = tar.extractfile(member) if member.isfile() else None
-            if extracted is None:
-                continue
-            key, _, ext = member.name.partition(".")
-            if ext != "json":
-                pending[key] = extracted.read()
-                continue
-            meta = json.loads(extracted.read())
-            with Image.open(io.BytesIO(pending.pop(key))) as crop:
-                yield meta["face_id"], np.asarray(crop.convert("RGB"))
+    for key, ext, payload in iter_webdataset(tar_file):
+        if ext != "json":
+            pending[key] = payload
+            continue
+        meta = json.loads(payload)
+        with Image.open(io.BytesIO(pending.pop(key))) as crop:
+            yield meta["face_id"], np.asarray(crop.convert("RGB"))
 
 
 def _batches(faces: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:

@@ -83,11 +83,9 @@ def llm_identity(settings: Settings) -> str:
         return "template"
     if caption.backend == "openai":
         return f"openai:{caption.server_model or caption.model}"
-    folder = (
-        Path(caption.model_path).expanduser()
-        if caption.model_path
-        else settings.model_cache_dir / "llm" / caption.model
-    )
+    from facecaption.llm import configured_folder
+
+    folder = configured_folder(caption, settings.model_cache_dir)
     config = folder / "config.json"
     if not config.is_file():
         return f"{folder.name}:missing"  # loading it will say what to do

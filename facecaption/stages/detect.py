@@ -17,7 +17,6 @@ Crops: PNG (lossless) by default, or JPEG quality 95 without chroma subsampling.
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
@@ -34,7 +33,7 @@ from facecaption.settings import DetectSettings, Settings
 from facecaption.stages import StageContext, StageResult, upstream_checksums
 from facecaption.stages.fetch import TAR_NAME as FETCH_TAR
 from facecaption.state import Shard, ShardState
-from facecaption.writers import WebDatasetWriter, write_parquet
+from facecaption.writers import WebDatasetWriter, iter_webdataset, write_parquet
 
 TAR_NAME = "faces.tar"
 PARQUET_NAME = "faces.parquet"
@@ -68,13 +67,9 @@ FACES_SCHEMA = pa.schema(
 
 def fetched_images(tar_file: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """(key, image bytes) from a fetch tar, read as a stream."""
-    with tarfile.open(fileobj=tar_file, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if member.isfile() and ext != "json":
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                yield key, extracted.read()
+    for key, ext, payload in iter_webdataset(tar_file):
+        if ext != "json":
+            yield key, payload
 
 
 def select_faces(

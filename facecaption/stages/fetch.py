@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from facecaption.sources import iter_rows
 from facecaption.stages import DedupIndex, StageContext, StageResult
 from facecaption.state import Shard, ShardState
 from facecaption.web.downloader import Downloader, retry_later
-from facecaption.writers import WebDatasetWriter, write_parquet
+from facecaption.writers import WebDatasetWriter, iter_webdataset, write_parquet
 
 TAR_NAME = "fetch.tar"
 PARQUET_NAME = "fetch.parquet"
@@ -184,16 +183,10 @@ class FetchStage:
             for record in previous
             if not retry_later(record["status"], record["http_status"])
         }
-        with (
-            store.open(store.shard_path(shard_id, TAR_NAME)) as handle,
-            tarfile.open(fileobj=handle, mode="r|") as tar,
-        ):
-            for member in tar:
-                key, _, ext = member.name.partition(".")
+        with store.open(store.shard_path(shard_id, TAR_NAME)) as handle:
+            for key, ext, payload in iter_webdataset(handle):
                 if ext != "json" and int(key) in kept:
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    spool.add(int(key), extracted.read())
+                    spool.add(int(key), payload)
         # an ok row whose bytes are missing from the tar cannot be kept as ok
         return {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
 
