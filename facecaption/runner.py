@@ -24,6 +24,7 @@ from facecaption.settings import Settings
 from facecaption.stages import Stage, StageContext, stage_registry
 from facecaption.state import Shard, ShardState
 from facecaption.state.shards import ImageHashIndex, worker_name
+from facecaption.state.takedowns import TakedownIndex
 from facecaption.store import ArtifactStore
 
 RETRYABLE = "retryable"  # a count a stage reports for work a later run should try again
@@ -96,7 +97,7 @@ def run_stage(
         reusable = (
             current.fingerprint == wanted
             and bool(current.artifacts)
-            and all(store.exists(store.shard_path(shard_id, n)) for n in stage.artifact_names)
+            and all(store.exists(store.shard_path(shard_id, n)) for n in current.artifacts)
         )
         # With retry_transient, a stage that left retryable work (fetch rows that timed out,
         # ...) is not up to date.
@@ -112,6 +113,8 @@ def run_stage(
             settings=settings,
             store=store,
             dedup=ImageHashIndex(state.engine),
+            takedowns=TakedownIndex(state.engine),
+            fingerprint=wanted,
             previous=current if reusable and not fresh else None,
         )
         try:

@@ -206,6 +206,38 @@ class RefreshSettings(BaseModel):
     )
 
 
+class ExportSettings(BaseModel):
+    """The release: links-only parquet (FaceCaption columns + ours) and, on request, training
+    shards of aligned crops."""
+
+    rows_per_file: int = Field(
+        500_000, ge=1, description="release parquet file size target (files hold whole shards)"
+    )
+    row_group_size: int = Field(50_000, ge=1, description="rows per parquet row group")
+    training_shards: bool = Field(
+        False, description="also write webdataset tars of crops (.jpg), captions and metadata"
+    )
+    jpeg_quality: int = Field(95, ge=1, le=100, description="training shard crops")
+    license: str = Field(
+        "Captions: CC-BY-4.0. Images are not distributed: each URL's image belongs to its"
+        " owner. For research and education.",
+        description="license note stored in every release row and the manifest",
+    )
+    report_max_crops: int = Field(
+        2000, ge=0, description="crops scored for image quality (BRISQUE) in the report"
+    )
+
+    RELEASE_FIELDS: ClassVar[tuple[str, ...]] = ("rows_per_file", "row_group_size")
+
+    def output_settings(self) -> dict[str, Any]:
+        """What shapes a shard's export (the file layout is the release's business)."""
+        return {
+            k: v
+            for k, v in self.model_dump().items()
+            if k not in (*self.RELEASE_FIELDS, "report_max_crops")
+        }
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
@@ -225,6 +257,7 @@ class Settings(BaseSettings):
     attribute: AttributeSettings = AttributeSettings()
     caption: CaptionSettings = CaptionSettings()
     refresh: RefreshSettings = RefreshSettings()
+    export: ExportSettings = ExportSettings()
     models_dir: Path | None = Field(
         None, description="model cache (`facecaption models pull`); unset: {home}/models"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -104,6 +105,11 @@ class ArtifactStore:
                 self.fs.put_file(str(tmp), path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def publish_copy(self, source: str, path: str) -> None:
+        """Copy an artifact to `path` (another folder or name), published atomically."""
+        with self.open(source) as src, self.publish(path) as tmp, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
 
     def describe(self, path: str, local_file: Path) -> ArtifactRef:
         """Checksum a finished local file (inside `publish`) and describe it for the state DB."""

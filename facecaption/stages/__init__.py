@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from facecaption.settings import Settings
 from facecaption.state import Shard, ShardState, StageState
+from facecaption.state.takedowns import TakedownIndex
 from facecaption.store import ArtifactRef, ArtifactStore
 
 
@@ -30,6 +31,10 @@ class StageContext:
     settings: Settings
     store: ArtifactStore
     dedup: DedupIndex
+    # URLs and image bytes under a takedown: fetch skips them, export leaves them out.
+    takedowns: TakedownIndex | None = None
+    # The fingerprint this run records (outputs may carry it as provenance).
+    fingerprint: str = ""
     # The stage's own earlier outputs when they were made with the same fingerprint: a stage
     # may keep what in them is final and redo only the rest.
     previous: StageState | None = None
@@ -68,7 +73,8 @@ def stage_registry() -> dict[str, Stage]:
     from facecaption.stages.attribute import AttributeStage
     from facecaption.stages.caption import CaptionStage
     from facecaption.stages.detect import DetectStage
+    from facecaption.stages.export import ExportStage
     from facecaption.stages.fetch import FetchStage
 
-    stages = (FetchStage(), DetectStage(), AttributeStage(), CaptionStage())
+    stages = (FetchStage(), DetectStage(), AttributeStage(), CaptionStage(), ExportStage())
     return {stage.name: stage for stage in stages}

@@ -2,7 +2,8 @@
 and `fetch.parquet` (one row per source row, with a typed status).
 
 Statuses: `ok`; `duplicate` (the same bytes were kept first by the row `duplicate_of`, in this
-shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`; and
+shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
+`taken_down` (the URL or the image's sha256 is under a takedown request); and
 the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
 `too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`. A bad URL is
 a row status, never a shard failure. Bytes are stored exactly as downloaded (native
@@ -32,13 +33,14 @@ from facecaption.settings import FetchSettings, Settings
 from facecaption.sources import iter_rows
 from facecaption.stages import DedupIndex, StageContext, StageResult
 from facecaption.state import Shard, ShardState
+from facecaption.state.takedowns import TakedownIndex
 from facecaption.web.downloader import Downloader, retry_later
 from facecaption.writers import WebDatasetWriter, iter_webdataset, write_parquet
 
 TAR_NAME = "fetch.tar"
 PARQUET_NAME = "fetch.parquet"
 KEPT = frozenset({"ok", "duplicate"})
-POLICY = frozenset({"opted_out", "robots_disallowed", "blocked_address"})
+POLICY = frozenset({"opted_out", "robots_disallowed", "blocked_address", "taken_down"})
 WORKERS_PER_CONNECTION = 4
 
 FETCH_SCHEMA = pa.schema(
@@ -147,10 +149,12 @@ class FetchStage:
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
                 kept = self._keep_final_rows(context, spool) if context.previous else {}
+                kept |= skip_taken_down_urls(rows, context.takedowns)
                 to_fetch = [row for row in rows if row.row not in kept]
                 fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
+                drop_taken_down_images(records, context.takedowns)
                 mark_duplicates(records, shard.shard_id, context.dedup)
                 write_tar(records, spool, tmp_tar)
             tar_ref = store.describe(tar_path, tmp_tar)
@@ -243,6 +247,32 @@ async def fetch_rows(
             workers = min(limits.concurrency * WORKERS_PER_CONNECTION, max(1, len(rows)))
             await asyncio.gather(*(worker() for _ in range(workers)))
     return records
+
+
+def skip_taken_down_urls(
+    rows: list[SourceRow], takedowns: TakedownIndex | None
+) -> dict[int, dict[str, Any]]:
+    """Records (status `taken_down`, nothing downloaded) for rows whose URL is under a
+    takedown."""
+    if takedowns is None:
+        return {}
+    blocked = takedowns.blocked("url", [row.url for row in rows if isinstance(row.url, str)])
+    return {
+        row.row: _record(row, "taken_down", "URL under a takedown request")
+        for row in rows
+        if row.url in blocked
+    }
+
+
+def drop_taken_down_images(records: list[dict[str, Any]], takedowns: TakedownIndex | None) -> None:
+    """Downloaded images whose bytes are under a takedown become `taken_down` and are not
+    stored."""
+    if takedowns is None:
+        return
+    blocked = takedowns.blocked("sha256", [r["sha256"] for r in records if r["status"] == "ok"])
+    for record in records:
+        if record["status"] == "ok" and record["sha256"] in blocked:
+            record.update(status="taken_down", error="image sha256 under a takedown request")
 
 
 def mark_duplicates(records: list[dict[str, Any]], shard_id: str, dedup: DedupIndex) -> None:
