@@ -1,5 +1,6 @@
 """Build DAG: plan the source, then one mapped task group per shard (fetch on CPU workers,
-then detect, attribute and caption on GPU workers), then a summary. All logic lives in the
+then detect, attribute and caption on GPU workers, then export), then a summary and the
+release (parquet files, manifest, report). All logic lives in the
 `facecaption` package; this file only wires it up."""
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ STAGES = list(stage_registry())
             " keeps final rows and retries only transient failures).",
             section="How",
         ),
+        "publish": Param(
+            True,
+            type="boolean",
+            title="Publish the release",
+            description="At the end, publish the release parquet files, training shards (if"
+            " configured), manifest and HTML report, re-exporting only what changed.",
+            section="How",
+        ),
     },
 )
 def facecaption_build() -> None:
@@ -92,7 +101,12 @@ def facecaption_build() -> None:
             )
         return check_map_length(shard_ids)
 
-    process_shards(plan(), force="{{ params.force }}", stages="{{ params.stages }}")
+    process_shards(
+        plan(),
+        force="{{ params.force }}",
+        stages="{{ params.stages }}",
+        publish="{{ params.publish }}",
+    )
 
 
 facecaption_build()

@@ -1,4 +1,5 @@
-"""The `facecaption` command: db, plan, run, status, config, demo."""
+"""The `facecaption` command: db, plan, run, status, export, report, takedown, models,
+text-stats, config, demo."""
 
 from __future__ import annotations
 
@@ -74,6 +75,49 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--shard", action="append", default=None, help="only these shards")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
+
+    export = commands.add_parser(
+        "export",
+        help="publish the release: parquet files, training shards, manifest (incremental)",
+    )
+    export.add_argument(
+        "--training-shards",
+        action="store_true",
+        default=None,
+        help="also write webdataset training shards (default: the export.training_shards setting)",
+    )
+    export.add_argument("--no-report", action="store_true", help="skip writing the HTML report")
+    export.set_defaults(handler=_export)
+
+    report = commands.add_parser("report", help="write the self-contained HTML dataset report")
+    report.add_argument(
+        "--out", default=None, help="a local file (default: release/report.html in the store)"
+    )
+    report.add_argument(
+        "--max-crops", type=int, default=None, help="crops scored with BRISQUE (default: setting)"
+    )
+    report.set_defaults(handler=_report)
+
+    takedown = commands.add_parser(
+        "takedown", help="remove images from every release output and skip them from now on"
+    )
+    takedown_commands = takedown.add_subparsers(metavar="ACTION", required=True)
+    request = takedown_commands.add_parser(
+        "request", help="record a request and apply it (re-export the affected shards)"
+    )
+    request.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
+    request.add_argument(
+        "--sha256", action="append", default=[], help="an image's sha256 (repeatable)"
+    )
+    request.add_argument("--reason", default=None)
+    request.add_argument("--requested-by", default=None)
+    request.add_argument(
+        "--no-apply", action="store_true", help="only record it (the next export applies it)"
+    )
+    request.set_defaults(handler=_takedown_request)
+    takedown_commands.add_parser("list", help="requests and their audit trail").set_defaults(
+        handler=_takedown_list
+    )
 
     models = commands.add_parser("models", help="the model cache: pull and list real weights")
     model_commands = models.add_subparsers(metavar="ACTION", required=True)
@@ -191,6 +235,69 @@ def _status(args: argparse.Namespace) -> int:
     with Pipeline.open() as pipeline:
         rows = pipeline.status(args.shard)
     print(json.dumps(status_json(rows), indent=2) if args.json else format_status(rows))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from facecaption.dataset_report import write_report
+    from facecaption.pipeline import Pipeline
+    from facecaption.release import publish_release
+
+    settings = Settings()
+    if args.training_shards:
+        settings = _with_export(settings, training_shards=True)
+    with Pipeline.open(settings) as pipeline:
+        report = publish_release(pipeline)
+        print(json.dumps(report.summary(), indent=2))
+        if not args.no_report:
+            print(f"report: {write_report(pipeline)}")
+    return 0
+
+
+def _with_export(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update={"export": settings.export.model_copy(update=changes)})
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from facecaption.dataset_report import write_report
+    from facecaption.pipeline import Pipeline
+
+    settings = Settings()
+    if args.max_crops is not None:
+        settings = settings.model_copy(
+            update={
+                "export": settings.export.model_copy(update={"report_max_crops": args.max_crops})
+            }
+        )
+    with Pipeline.open(settings) as pipeline:
+        print(write_report(pipeline, Path(args.out) if args.out else None))
+    return 0
+
+
+def _takedown_request(args: argparse.Namespace) -> int:
+    from facecaption.pipeline import Pipeline
+    from facecaption.release import publish_release, request_takedown
+
+    with Pipeline.open() as pipeline:
+        request_id = request_takedown(
+            pipeline, args.url, args.sha256, args.reason, args.requested_by
+        )
+        print(f"takedown request {request_id} recorded")
+        if not args.no_apply:
+            report = publish_release(pipeline)
+            print(json.dumps(report.summary(), indent=2))
+    return 0
+
+
+def _takedown_list(args: argparse.Namespace) -> int:
+    from facecaption.pipeline import Pipeline
+    from facecaption.state.takedowns import TakedownIndex
+
+    with Pipeline.open() as pipeline:
+        for request in TakedownIndex(pipeline.state.engine).list():
+            print(json.dumps(request.__dict__, default=str, sort_keys=True))
     return 0
 
 

@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 import facecaption
+from facecaption.dataset_report import REPORT_NAME
 from facecaption.models.detector import ModelNotFoundError
 from facecaption.models.detectors import detector_model_file
 from facecaption.models.statistics_model import build_statistics_model
 from facecaption.pipeline import Pipeline
+from facecaption.release import read_manifest
 from facecaption.report import format_status
 from facecaption.sampledata import routes_for, sample_rows, write_source
 from facecaption.samplesite import SampleSite
@@ -148,15 +150,27 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         print()
         print(format_status(status))
         print()
-        print(f"artifacts: {pipeline.store.uri(pipeline.store.root)}/shards/<shard>/")
+        root_uri = pipeline.store.uri(pipeline.store.root)
+        manifest = read_manifest(pipeline)
+        print(f"artifacts: {root_uri}/shards/<shard>/")
+        if manifest is not None:
+            print(
+                f"release:   {root_uri}/release/manifest.json ({manifest['rows']} rows in"
+                f" {len(manifest['files'])} parquet files)"
+            )
+        report = f"{root_uri}/release/{REPORT_NAME}"
+        if pipeline.store.exists(f"{pipeline.store.root}/release/{REPORT_NAME}"):
+            print(f"report:    {report}")
         print(f"state DB:  {db_url}")
-        print("see also:  facecaption status")
+        print("see also:  facecaption status, facecaption export, facecaption report")
     unfinished = [
         f"{row.shard_id} {stage}"
         for row in status
         for stage, state in row.stages.items()
         if state.status != "done"
     ]
+    if manifest is None:
+        unfinished.append("release")
     if unfinished:
         print(f"not done: {unfinished}; see {log_path}", file=sys.stderr)
         return 1

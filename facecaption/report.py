@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from facecaption.pipeline import ShardStatusRow, status_totals
@@ -12,6 +13,7 @@ _HEADLINE = {
     "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
     "attribute": lambda counts: f"{counts.get('kept', 0)}/{counts.get('faces', 0)} kept",
     "caption": lambda counts: f"{counts.get('llm_captions', 0)}/{counts.get('faces', 0)} llm",
+    "export": lambda counts: f"{counts.get('released', 0)} rows",
 }
 
 
@@ -134,8 +136,50 @@ def status_html(
     )
 
 
-def history_html(shard_id: str, events: list[dict[str, Any]], rerun_conf: str) -> str:
-    """One shard's attempt history, newest first, and how to re-run it."""
+RERUN_SCRIPT = """
+document.getElementById('rerun').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const out = document.getElementById('rerun-result');
+  const conf = {
+    shard_ids: [form.dataset.shard],
+    stages: [...form.querySelectorAll('input[name=stage]:checked')].map((box) => box.value),
+    force: form.querySelector('input[name=force]').checked,
+  };
+  out.textContent = 'triggering...';
+  try {
+    const response = await fetch(form.action, {
+      method: 'POST', credentials: 'same-origin',
+      headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({logical_date: null, conf: conf}),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const detail = JSON.stringify(body.detail || body);
+      out.textContent = 'Airflow said ' + response.status + ': ' + detail;
+      return;
+    }
+    out.innerHTML = '';
+    const link = document.createElement('a');
+    link.href = '/dags/facecaption_build/runs/' + encodeURIComponent(body.dag_run_id);
+    link.textContent = 'started run ' + body.dag_run_id;
+    out.appendChild(link);
+  } catch (error) {
+    out.textContent = 'could not reach the Airflow API: ' + error;
+  }
+});
+"""
+BUILD_RUNS_API = "/api/v2/dags/facecaption_build/dagRuns"
+
+
+def rerun_conf(shard_id: str, stages: list[str]) -> dict[str, Any]:
+    """The build DAG conf that re-runs one shard's stages."""
+    return {"shard_ids": [shard_id], "stages": stages, "force": True}
+
+
+def history_html(shard_id: str, events: list[dict[str, Any]], stages: list[str]) -> str:
+    """One shard's attempt history, newest first, and a form that re-runs chosen stages of it
+    through Airflow's REST API as the signed-in user (the UI session cookie)."""
     from html import escape
 
     rows = "".join(
@@ -144,13 +188,22 @@ def history_html(shard_id: str, events: list[dict[str, Any]], rerun_conf: str) -
         f"<td>{escape(e['error'] or '')}</td></tr>"
         for e in sorted(events, key=lambda e: e["event_id"], reverse=True)
     )
+    boxes = "".join(
+        f'<label><input type="checkbox" name="stage" value="{escape(stage)}" checked>'
+        f" {escape(stage)}</label> "
+        for stage in stages
+    )
+    conf = json.dumps({"logical_date": None, "conf": rerun_conf(shard_id, stages)})
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{escape(shard_id)}</title></head><body><h1>{escape(shard_id)}</h1>"
-        "<h2>Re-run this shard</h2><p>Trigger <b>facecaption_build</b> with this conf (UI:"
-        " Trigger DAG, or <code>POST /api/v2/dags/facecaption_build/dagRuns</code> with"
-        f' <code>{{"logical_date": null, "conf": ...}}</code>):</p><pre>{escape(rerun_conf)}</pre>'
+        f'<h2>Re-run this shard</h2><form id="rerun" method="post" action="{BUILD_RUNS_API}"'
+        f' data-shard="{escape(shard_id)}">{boxes}<label><input type="checkbox" name="force"'
+        ' checked> force</label> <button type="submit">Re-run</button>'
+        ' <span id="rerun-result"></span></form>'
+        f"<p>The same from a shell: <code>POST {BUILD_RUNS_API}</code> with"
+        f" <code>{escape(conf)}</code>.</p>"
         "<h2>History</h2><table><thead><tr><th>at</th><th>stage</th><th>attempt</th>"
         f"<th>event</th><th>worker</th><th>error</th></tr></thead><tbody>{rows}</tbody></table>"
-        "</body></html>"
+        f"<script>{RERUN_SCRIPT}</script></body></html>"
     )

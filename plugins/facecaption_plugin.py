@@ -9,8 +9,6 @@ the trigger conf that re-runs it.
 
 from __future__ import annotations
 
-import json
-
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
@@ -38,8 +36,7 @@ def create_app() -> FastAPI:
                 pipeline.state.get_shard(shard_id)
             except UnknownShardError as error:
                 raise HTTPException(status_code=404, detail=str(error)) from error
-            conf = {"shard_ids": [shard_id], "stages": pipeline.stage_names, "force": True}
-            return history_html(shard_id, pipeline.state.events(shard_id), json.dumps(conf))
+            return history_html(shard_id, pipeline.state.events(shard_id), pipeline.stage_names)
 
     return app
 

@@ -1,5 +1,6 @@
 """The per-shard part every facecaption DAG shares: one mapped task group per shard
-(fetch -> detect -> attribute -> caption) and a summary. DAG files supply the shard ids."""
+(fetch -> detect -> attribute -> caption -> export), a summary, and the release (files,
+manifest, report) at the end. DAG files supply the shard ids."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ def process_shards(
     force: str = "False",
     stages: str | None = None,
     retry_transient: bool = False,
+    publish: str | bool = True,
 ) -> None:
-    """Wire the mapped shard groups and the summary after the task producing `shard_ids`."""
+    """Wire the mapped shard groups, the summary and the release after the task producing
+    `shard_ids`. `publish` (a template in build runs) turns the release step off."""
 
     @task_group
     def process_shard(shard_id: str) -> None:
@@ -60,6 +63,7 @@ def process_shards(
             >> stage(GpuShardStageOperator, "detect")
             >> stage(GpuShardStageOperator, "attribute")
             >> stage(caption_operator, "caption")
+            >> stage(ShardStageOperator, "export")
         )
 
     @task(trigger_rule="all_done")
@@ -72,7 +76,31 @@ def process_shards(
         print(format_status(rows))
         return status_totals(rows)
 
-    process_shard.expand(shard_id=shard_ids) >> summary(shard_ids)
+    groups = process_shard.expand(shard_id=shard_ids)
+    groups >> summary(shard_ids)
+    groups >> release_task(publish)
+
+
+def release_task(publish: str | bool = True) -> Any:
+    """The release step: publish the release files and manifest (exporting shards that are not
+    up to date, applying pending takedowns) and write the HTML report."""
+
+    @task(task_id="release", trigger_rule="all_done")
+    def release(publish: Any) -> dict[str, Any]:
+        from facecaption.dataset_report import write_report
+        from facecaption.pipeline import Pipeline
+        from facecaption.release import publish_release
+
+        if publish in (False, "False", "false"):
+            print("publishing the release is turned off for this run")
+            return {"published": False}
+        with Pipeline.open() as pipeline:
+            report = publish_release(pipeline)
+            summary = {**report.summary(), "report": write_report(pipeline)}
+        print(f"release {summary['release']}: {summary['rows']} rows; report {summary['report']}")
+        return summary
+
+    return release(publish)
 
 
 def check_map_length(shard_ids: list[str]) -> list[str]:

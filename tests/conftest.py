@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -161,7 +164,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FACECAPTION_STORE_ROOT": settings.artifact_root,
         "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
     }
-    for section in ("fetch", "detect", "attribute", "caption"):
+    for section in ("fetch", "detect", "attribute", "caption", "export"):
         for name, value in getattr(settings, section).model_dump(mode="json").items():
             if value is not None:
                 env[f"FACECAPTION_{section.upper()}__{name.upper()}"] = (
@@ -191,3 +194,48 @@ def airflow_db() -> Path:
         env=os.environ.copy(),
     )
     return _AIRFLOW_HOME
+
+
+@pytest.fixture
+def browser() -> Callable[[], Any]:
+    """`with browser() as chromium:` headless Chromium from the system (Debian package
+    `chromium`) driven by Playwright. Open it after the test's data is built: Playwright's sync
+    API keeps an event loop running on this thread while it is open. Skipped where there is no
+    Chromium, unless FACECAPTION_REQUIRE_BROWSER is set (CI sets it)."""
+    path = (
+        os.environ.get("FACECAPTION_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
+    if not path:
+        message = "no Chromium on PATH: `apt-get install chromium` (CI installs it)"
+        if os.environ.get("FACECAPTION_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+    @contextmanager
+    def launch() -> Iterator[Any]:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+            try:
+                yield chromium
+            finally:
+                chromium.close()
+
+    return launch
+
+
+@pytest.fixture
+def page_errors() -> Callable[[Any], list[str]]:
+    """Attach to a Playwright page; returns the list its console errors and uncaught
+    exceptions are appended to."""
+
+    def attach(page: Any) -> list[str]:
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        return errors
+
+    return attach

@@ -92,6 +92,9 @@ def test_demo_runs_the_build_dag_and_prints_the_summary(tmp_path, settings_env):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fetch: 3 done" in done.stdout
     assert str(tmp_path / "home" / "artifacts") in done.stdout
+    report = tmp_path / "home" / "artifacts" / "release" / "report.html"
+    assert f"report:    {report}" in done.stdout and report.stat().st_size > 0
+    assert "release:   " in done.stdout
 
 
 def test_run_with_jobs_fetches_shards_in_worker_processes(
@@ -107,3 +110,26 @@ def test_run_with_jobs_fetches_shards_in_worker_processes(
     assert all(not worker.endswith(f":{os.getpid()}") for worker in workers), (
         "shards ran in worker processes, not in the CLI's own"
     )
+
+
+def test_export_report_and_takedown_commands(tmp_path, cli_env, sample, sample_site, capsys):
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    assert main(["run", "--source", str(source)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--training-shards", "--no-report"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["files"] >= 1 and first["training_shards"] == 3 and first["rows"] >= 1
+    assert main(["export", "--training-shards", "--no-report"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == []  # nothing changed
+    out = tmp_path / "report.html"
+    assert main(["report", "--out", str(out), "--max-crops", "0"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert "rows released" in out.read_text()
+    sha = "ab" * 32
+    assert main(["takedown", "request", "--sha256", sha, "--reason", "r", "--no-apply"]) == 0
+    assert "takedown request 1 recorded" in capsys.readouterr().out
+    assert main(["takedown", "list"]) == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["sha256s"] == [sha] and listed["applied_at"] is None
+    assert main(["takedown", "request", "--sha256", "not-a-sha"]) == 1
+    assert "not a sha256" in capsys.readouterr().err

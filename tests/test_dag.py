@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def dagbag(airflow_db):
 
 def test_dags_import_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"facecaption_build", "facecaption_refresh"} <= set(dagbag.dag_ids)
+    assert {"facecaption_build", "facecaption_refresh", "facecaption_takedown"} <= set(
+        dagbag.dag_ids
+    )
 
 
 def test_build_dag_params_explain_themselves(dagbag):
@@ -47,17 +50,21 @@ def test_build_dag_maps_one_task_group_per_shard(dagbag):
     assert (attribute.queue, attribute.pool) == ("gpu", "gpu")
     caption = dag.get_task("process_shard.caption")
     assert "process_shard.attribute" in {t.task_id for t in caption.upstream_list}
-    summary_upstream = {t.task_id for t in dag.get_task("summary").upstream_list}
-    assert "process_shard.caption" in summary_upstream
+    export = dag.get_task("process_shard.export")
+    assert "process_shard.caption" in {t.task_id for t in export.upstream_list}
+    assert export.queue != "gpu"
+    for final in ("summary", "release"):
+        upstream = {t.task_id for t in dag.get_task(final).upstream_list}
+        assert "process_shard.export" in upstream, final
 
 
 @pytest.mark.slow
 def test_build_dag_fetches_every_shard_and_records_state(
     tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch
 ):
-    """End to end with dag.test(): plan -> fetch -> detect -> attribute -> caption per shard ->
-    summary, state in Postgres (the offline cascade, the statistics attribute model and the
-    template captions: offline stand-ins for the real models)."""
+    """End to end with dag.test(): plan -> fetch -> detect -> attribute -> caption -> export per
+    shard -> summary and release, state in Postgres (the offline cascade, the statistics
+    attribute model and the template captions: offline stand-ins for the real models)."""
     for name, value in {**settings_env, "FACECAPTION_SHARD_SIZE": "8"}.items():
         monkeypatch.setenv(name, value)
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
@@ -87,11 +94,84 @@ def test_build_dag_fetches_every_shard_and_records_state(
             table = pq.read_table(fetch.artifacts["fetch.parquet"]["uri"])
             statuses += table.column("status").to_pylist()
     assert statuses == [row.expected_status for row in sample]
+    # the release step published the files, the manifest and the report
+    release = Path(settings.artifact_root) / "release"
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert sorted(manifest["built_from"]) == sorted(shard_ids)
+    assert manifest["rows"] == sum(
+        row.stages["export"].counts["released"] for row in pipeline_status(settings, shard_ids)
+    )
+    assert (release / "report.html").stat().st_size > 0
     for task_id in (
         "process_shard.fetch",
         "process_shard.detect",
         "process_shard.attribute",
         "process_shard.caption",
+        "process_shard.export",
     ):
         mapped = [ti for ti in run.get_task_instances() if ti.task_id == task_id]
         assert sorted(ti.rendered_map_index for ti in mapped) == sorted(shard_ids)
+
+
+def pipeline_status(settings, shard_ids):
+    with Pipeline.open(settings.model_copy(update={"shard_size": 8})) as pipeline:
+        return pipeline.status(shard_ids)
+
+
+@pytest.mark.slow
+def test_takedown_dag_removes_a_url_and_a_sha256_from_the_release(
+    tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch
+):
+    """Build with dag.test(), then a takedown run with one URL and one sha256: both leave every
+    release file, the audit trail says when and what, and the next fetch skips them."""
+    env = {**settings_env, "FACECAPTION_SHARD_SIZE": "8", "FACECAPTION_DETECT__MIN_FACE_PX": "40",
+           "FACECAPTION_ATTRIBUTE__MIN_LABELS": "0"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    assert dagbag.get_dag("facecaption_build").test(run_conf={"source": str(source)}).state == (
+        "success"
+    )
+    release = Path(settings.artifact_root) / "release"
+
+    def released() -> list[dict]:
+        manifest = json.loads((release / "manifest.json").read_text())
+        return [
+            row
+            for entry in manifest["files"]
+            for row in pq.read_table(release / entry["path"]).to_pylist()
+        ]
+
+    before = released()
+    urls = sorted({row["url"] for row in before})
+    assert len(urls) >= 3
+    sha = next(row["image_sha256"] for row in before if row["url"] == urls[1])
+
+    run = dagbag.get_dag("facecaption_takedown").test(
+        run_conf={"urls": [urls[0]], "sha256s": [sha], "reason": "test", "requested_by": "me"}
+    )
+
+    assert run.state == "success"
+    after = released()
+    assert {row["face_id"] for row in after} == {
+        row["face_id"] for row in before if row["url"] != urls[0] and row["image_sha256"] != sha
+    }
+    assert len(after) < len(before)
+    from facecaption.state.takedowns import TakedownIndex
+
+    with Pipeline.open(settings.model_copy(update={"shard_size": 8})) as pipeline:
+        (audit,) = TakedownIndex(pipeline.state.engine).list()
+        assert audit.urls == [urls[0]] and audit.sha256s == [sha] and audit.requested_by == "me"
+        assert audit.applied_at is not None and audit.outputs["written"]
+        shard_ids = pipeline.select_shards([str(source)])
+        for shard_id in shard_ids:
+            pipeline.run("fetch", shard_id, force=True)
+        statuses = {
+            (row["url"], row["status"])
+            for shard_id in shard_ids
+            for row in pq.read_table(
+                pipeline.store.shard_path(shard_id, "fetch.parquet")
+            ).to_pylist()
+        }
+    assert (urls[0], "taken_down") in statuses
+    assert (urls[1], "taken_down") in statuses

@@ -10,6 +10,9 @@ from fastapi.testclient import TestClient
 from test_select import build_all
 
 from facecaption.pipeline import Pipeline
+from facecaption.stages import stage_registry
+
+STAGES = list(stage_registry())
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def test_shard_view_lists_every_shard_and_stage_status(client):
     rows = re.findall(r'<tr data-shard="([^"]+)">', page.text)
     assert rows == shard_ids
     statuses = re.findall(r'<span class="status"[^>]*>([^<]+)</span>', page.text)
-    assert len(statuses) == 3 * 4 and statuses.count("failed") == 1
+    assert len(statuses) == 3 * len(STAGES) and statuses.count("failed") == 1
     assert "done 7/8" in statuses
     assert "RuntimeError: GPU fell over" in page.text  # the last error, on hover
 
@@ -55,4 +58,6 @@ def test_shard_history_shows_attempts_and_the_rerun_conf(client):
     assert "worker-7" in page and "GPU fell over" in page
     assert page.count("<tr>") >= 2 * 4  # started + done for each stage, and more
     assert f"&quot;shard_ids&quot;: [&quot;{shard_ids[1]}&quot;]" in page
+    assert f'data-shard="{shard_ids[1]}"' in page  # the re-run form
+    assert re.findall(r'name="stage" value="([a-z]+)"', page) == STAGES
     assert http.get("/shards/no-such-shard").status_code == 404
