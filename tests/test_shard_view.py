@@ -61,3 +61,53 @@ def test_shard_history_shows_attempts_and_the_rerun_conf(client):
     assert f'data-shard="{shard_ids[1]}"' in page  # the re-run form
     assert re.findall(r'name="stage" value="([a-z]+)"', page) == STAGES
     assert http.get("/shards/no-such-shard").status_code == 404
+
+
+@pytest.fixture
+def served(client):
+    """The plugin's app on a loopback port, served by uvicorn as the api-server would."""
+    import threading
+
+    import uvicorn
+
+    http, shard_ids = client
+    server = uvicorn.Server(
+        uvicorn.Config(http.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", shard_ids
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_shard_view_renders_in_chromium(served, browser, page_errors):
+    base, shard_ids = served
+    with browser() as chromium:
+        page = chromium.new_page()
+        errors = page_errors(page)
+        page.goto(f"{base}/shards")
+        rows = page.locator("tr[data-shard]").evaluate_all(
+            "rows => rows.map(row => row.dataset.shard)"
+        )
+        statuses = page.locator("span.status").all_inner_texts()
+        page.locator(f"tr[data-shard='{shard_ids[1]}'] a").first.click()
+        page.wait_for_selector("form#rerun")
+        heading = page.locator("h1").inner_text()
+        history = page.locator("table tbody tr").count()
+        boxes = page.locator("form#rerun input[name=stage]:checked").count()
+        # No Airflow API behind this server: the form says so instead of failing silently.
+        page.locator("form#rerun button").click()
+        page.wait_for_function(
+            "document.getElementById('rerun-result').textContent.startsWith('Airflow said')"
+        )
+        result = page.locator("#rerun-result").inner_text()
+    assert rows == shard_ids
+    assert len(statuses) == 3 * len(STAGES)
+    assert statuses.count("failed") == 1 and any(s.startswith("done") for s in statuses)
+    assert heading == shard_ids[1] and history >= 2 * len(STAGES) and boxes == len(STAGES)
+    assert result.startswith("Airflow said 404")
+    assert [e for e in errors if "404" not in e] == []  # the browser logs the failed POST
