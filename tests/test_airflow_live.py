@@ -1,0 +1,450 @@
+"""The build DAG on a real Airflow 3: `airflow db migrate`, then scheduler, dag-processor and
+api-server as separate processes (LocalExecutor, metadata in a fresh Postgres database),
+driven only through the public REST API v2, as a user or the UI trigger form would.
+
+1. Trigger `facecaption_build` for a 3-shard source with every stage; it succeeds and each
+   mapped stage has one task instance per shard, labelled by shard id.
+2. Trigger a per-shard backfill (one shard, two stages, force); only those two stages of
+   that shard get a new attempt in the state DB, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from facecaption.sampledata import write_source
+from facecaption.stages import stage_registry
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the virtualenv's bin: airflow and python
+DAG_ID = "facecaption_build"
+SHARD_SIZE = 8  # the sample source's 24 rows: 3 shards
+RERUN_STAGES = ["detect", "attribute"]
+RUN_TIMEOUT_S = 360
+START_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _admin(url: str, statement: str) -> None:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"({error})"
+    return text[-chars:]
+
+
+@pytest.fixture
+def airflow_metadata_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty Postgres database for Airflow's own metadata, dropped afterwards."""
+    name = f"fc_airflow_{uuid.uuid4().hex[:10]}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
+    url = make_url(pg_admin_url).set(database=name)
+    yield url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class AirflowCluster:
+    """Airflow's processes, each in its own process group, logs under `home/proc-logs`."""
+
+    def __init__(self, home: Path, env: dict[str, str], port: int, password: str) -> None:
+        self.home = home
+        self.env = env
+        self.port = port
+        self.password = password
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.marker = env["FACECAPTION_LIVE_AIRFLOW_TEST"]  # every process we start has it
+        self.proc_logs = home / "proc-logs"
+        self.proc_logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def airflow(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+
+    def start(self, name: str, *args: str) -> None:
+        with open(self.proc_logs / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [str(BIN / "airflow"), *args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise AssertionError(f"Airflow processes exited: {dead}\n{self.diagnostics()}")
+
+    def _ours(self) -> list[psutil.Process]:
+        """Every live process we started, directly or not: descendants of our leaders, and
+        anything carrying our marker (task processes get their own process group and may be
+        orphaned)."""
+        found: dict[int, psutil.Process] = {}
+        for proc in self.procs.values():
+            try:
+                leader = psutil.Process(proc.pid)
+                found[leader.pid] = leader
+                for child in leader.children(recursive=True):
+                    found[child.pid] = child
+            except psutil.NoSuchProcess:
+                pass
+        me = os.getpid()
+        for proc in psutil.process_iter():
+            if proc.pid in found or proc.pid == me:
+                continue
+            try:
+                if proc.environ().get("FACECAPTION_LIVE_AIRFLOW_TEST") == self.marker:
+                    found[proc.pid] = proc
+            except (psutil.Error, OSError):
+                continue
+        return list(found.values())
+
+    def stop(self) -> None:
+        """SIGTERM each process group we started, wait, then SIGKILL whatever is left."""
+        stragglers = self._ours()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            # the scheduler may hang on SIGTERM: killed below
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for proc in stragglers + self._ours():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(self._ours(), timeout=10)
+
+    def diagnostics(self) -> str:
+        parts = []
+        for path in sorted(self.proc_logs.glob("*.log")):
+            parts.append(f"===== {path.name} =====\n{_tail(path)}")
+        task_logs = sorted((self.home / "logs").glob("dag_id=*/**/*.log"))
+        for path in task_logs[-12:]:
+            parts.append(f"===== {path.relative_to(self.home)} =====\n{_tail(path, 3000)}")
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def airflow_cluster(
+    tmp_path: Path, airflow_metadata_url: str, settings_env: dict[str, str]
+) -> Iterator[AirflowCluster]:
+    home = tmp_path / "airflow"
+    home.mkdir()
+    port = _free_port()
+    password = secrets.token_urlsafe(12)
+    passwords_file = home / "passwords.json"
+    passwords_file.write_text(json.dumps({"admin": password}))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW", "FACECAPTION_")) and k != "PYTHONPATH"
+    }
+    env.update(settings_env)
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FACECAPTION_SHARD_SIZE": str(SHARD_SIZE),
+            "FACECAPTION_LIVE_AIRFLOW_TEST": uuid.uuid4().hex,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_metadata_url,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "2",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW": "4",
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+            "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        }
+    )
+    if importlib.util.find_spec("asyncpg") is None:
+        # Airflow derives an async URL (postgresql+asyncpg) from sql_alchemy_conn and imports
+        # asyncpg on startup (a dependency of this project); without it, turn the async
+        # engine off. Nothing this test calls uses it (dag-run `wait`, multi-team, state store).
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = ""
+    cluster = AirflowCluster(home, env, port, password)
+    migrate = cluster.airflow("db", "migrate", timeout=START_TIMEOUT_S)
+    assert migrate.returncode == 0, f"airflow db migrate:\n{migrate.stdout}\n{migrate.stderr}"
+    try:
+        cluster.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+        cluster.start("dag-processor", "dag-processor")
+        cluster.start("scheduler", "scheduler", "--skip-serve-logs")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _wait(what: str, cluster: AirflowCluster, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        cluster.check_alive()
+        try:
+            result = check()
+        except httpx.TransportError as error:
+            result, last = None, error
+        if result:
+            return result
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{cluster.diagnostics()}")
+
+
+def _client(cluster: AirflowCluster) -> httpx.Client:
+    """An API client holding a JWT from the simple auth manager's `POST /auth/token`."""
+
+    def healthy() -> bool:
+        response = httpx.get(f"{cluster.base_url}/api/v2/monitor/health", timeout=5)
+        return response.status_code == 200
+
+    _wait("the api-server", cluster, healthy, START_TIMEOUT_S)
+    response = httpx.post(
+        f"{cluster.base_url}/auth/token",
+        json={"username": "admin", "password": cluster.password},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    token = response.json()["access_token"]
+    return httpx.Client(
+        base_url=cluster.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+def _ok(response: httpx.Response, *codes: int) -> Any:
+    assert response.status_code in (codes or (200,)), (
+        f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    )
+    return response.json()
+
+
+def _trigger(api: httpx.Client, conf: dict[str, Any]) -> str:
+    """What the UI's trigger form sends: a conf and no logical date."""
+    run = _ok(
+        api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}),
+        200,
+    )
+    return run["dag_run_id"]
+
+
+def _wait_for_run(api: httpx.Client, cluster: AirflowCluster, run_id: str) -> None:
+    def finished() -> str | None:
+        state = _ok(api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"))["state"]
+        return state if state in ("success", "failed") else None
+
+    state = _wait(f"run {run_id}", cluster, finished, RUN_TIMEOUT_S)
+    if state != "success":
+        tis = _task_instances(api, run_id)
+        summary = [(t["task_id"], t["rendered_map_index"], t["state"]) for t in tis]
+        raise AssertionError(f"run {run_id} {state}: {summary}\n{cluster.diagnostics()}")
+
+
+def _task_instances(api: httpx.Client, run_id: str) -> list[dict[str, Any]]:
+    body = _ok(
+        api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 500})
+    )
+    assert body["total_entries"] == len(body["task_instances"])
+    return body["task_instances"]
+
+
+def _mapped(tis: list[dict[str, Any]], stage: str) -> dict[str, str]:
+    """rendered map index (the shard id) -> state, of one stage's mapped task instances."""
+    mine = [t for t in tis if t["task_id"] == f"process_shard.{stage}"]
+    labels = {t["rendered_map_index"]: t["state"] for t in mine}
+    assert len(labels) == len(mine), mine
+    return labels
+
+
+def _all_succeeded(tis: list[dict[str, Any]]) -> None:
+    """plan, summary and whatever else the DAG has, mapped or not, all succeeded."""
+    states = {(t["task_id"], t["rendered_map_index"]): t["state"] for t in tis}
+    assert {"plan", "summary"} <= {task_id for task_id, _ in states}, states
+    assert set(states.values()) == {"success"}, states
+
+
+def _state_db(db_url: str) -> dict[str, Any]:
+    """attempt per (shard, stage), and the events of each (shard, stage)."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stages = conn.execute(
+                sa.text("SELECT shard_id, stage, status, attempt FROM shard_stages")
+            ).all()
+            events = conn.execute(
+                sa.text(
+                    "SELECT shard_id, stage, attempt, event FROM stage_events ORDER BY event_id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    history: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for shard_id, stage, attempt, event in events:
+        history.setdefault((shard_id, stage), []).append((attempt, event))
+    return {
+        "status": {(s, t): status for s, t, status, _ in stages},
+        "attempt": {(s, t): attempt for s, t, _, attempt in stages},
+        "events": history,
+    }
+
+
+def test_build_and_per_shard_rerun_through_the_rest_api(
+    tmp_path, settings, sample, sample_site, airflow_cluster, browser, page_errors
+):
+    stages = list(stage_registry())
+    assert set(RERUN_STAGES) < set(stages)
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    cluster = airflow_cluster
+    with _client(cluster) as api:
+        # The GPU stages take a slot of the `gpu` pool; the scheduler does not run tasks of a
+        # pool that does not exist (docker compose's airflow-init creates it).
+        _ok(api.post("/api/v2/pools", json={"name": "gpu", "slots": 2}), 201)
+
+        def parsed() -> dict[str, Any] | None:
+            response = api.get(f"/api/v2/dags/{DAG_ID}")
+            if response.status_code == 404:
+                errors = _ok(api.get("/api/v2/importErrors"))["import_errors"]
+                ours = [e for e in errors if e["filename"].endswith(f"{DAG_ID}.py")]
+                assert not ours, ours
+                return None
+            return _ok(response)
+
+        dag = _wait(f"the dag-processor to parse {DAG_ID}", cluster, parsed, START_TIMEOUT_S)
+        assert dag["is_paused"]  # new DAGs start paused
+        assert not _ok(api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}))["is_paused"]
+
+        # 1. The whole source, every stage.
+        run_id = _trigger(api, {"source": str(source), "stages": stages})
+        _wait_for_run(api, cluster, run_id)
+
+        first = _state_db(settings.db_url)
+        shard_ids = sorted({shard_id for shard_id, _ in first["attempt"]})
+        assert len(shard_ids) == 3
+        for shard_id in shard_ids:
+            for stage in stages:
+                assert first["status"][(shard_id, stage)] == "done", (shard_id, stage)
+                assert first["attempt"][(shard_id, stage)] == 1, (shard_id, stage)
+                assert first["events"][(shard_id, stage)] == [(1, "started"), (1, "done")]
+        tis = _task_instances(api, run_id)
+        for stage in stages:
+            assert _mapped(tis, stage) == dict.fromkeys(shard_ids, "success"), stage
+        _all_succeeded(tis)
+
+        # The plugin's shard view, served by the same api-server, shows the shards.
+        page = api.get("/facecaption/shards")
+        assert page.status_code == 200, page.text
+        assert all(shard_id in page.text for shard_id in shard_ids)
+
+        # 2. Backfill one shard (the first: it has the photos): two stages, forced.
+        target = shard_ids[0]
+        rerun_id = _trigger(api, {"shard_ids": [target], "stages": RERUN_STAGES, "force": True})
+        _wait_for_run(api, cluster, rerun_id)
+
+        second = _state_db(settings.db_url)
+        for shard_id in shard_ids:
+            for stage in stages:
+                key = (shard_id, stage)
+                assert second["status"][key] == "done", key
+                if shard_id == target and stage in RERUN_STAGES:
+                    assert second["attempt"][key] == 2, key
+                    assert second["events"][key] == [
+                        *first["events"][key],
+                        (2, "started"),
+                        (2, "done"),
+                    ]
+                else:
+                    assert second["attempt"][key] == first["attempt"][key], key
+                    assert second["events"][key] == first["events"][key], key
+        tis = _task_instances(api, rerun_id)
+        for stage in stages:
+            # Every stage's task is mapped over the one shard; the unselected ones succeed
+            # without touching it.
+            assert _mapped(tis, stage) == {target: "success"}, stage
+        _all_succeeded(tis)
+
+        # 3. The shard view's Re-run button, in Chromium, signed in with the UI's session
+        # cookie: only `attribute` of the target shard, forced.
+        token = api.headers["Authorization"].removeprefix("Bearer ")
+        with browser() as chromium:
+            context = chromium.new_context()
+            context.add_cookies([{"name": "_token", "value": token, "url": cluster.base_url}])
+            page = context.new_page()
+            errors = page_errors(page)
+            page.goto(f"{cluster.base_url}/facecaption/shards/{target}")
+            for box in page.locator("form#rerun input[name=stage]").all():
+                if box.get_attribute("value") != "attribute":
+                    box.uncheck()
+            page.locator("form#rerun button").click()
+            page.wait_for_selector("#rerun-result a", timeout=30_000)
+            started = page.locator("#rerun-result a").inner_text()
+        assert errors == []
+        button_run = started.removeprefix("started run ")
+        _wait_for_run(api, cluster, button_run)
+        conf = _ok(api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{button_run}"))["conf"]
+        assert conf == {"shard_ids": [target], "stages": ["attribute"], "force": True}
+        third = _state_db(settings.db_url)
+        for key, attempt in second["attempt"].items():
+            expected = attempt + 1 if key == (target, "attribute") else attempt
+            assert third["attempt"][key] == expected, key
