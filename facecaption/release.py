@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from facecaption.stages import StageInputError
 from facecaption.stages.export import PARQUET_NAME, RELEASE_SCHEMA, TRAIN_TAR
 from facecaption.stages.fetch import PARQUET_NAME as FETCH_PARQUET
+from facecaption.state import ShardBusyError
 from facecaption.state.takedowns import TakedownIndex
 
 if TYPE_CHECKING:
@@ -113,14 +114,19 @@ def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[s
     excluded: dict[str, str] = {}
     for shard in pipeline.state.list_shards():
         try:
-            outcome = pipeline.run("export", shard.shard_id)
+            pipeline.run("export", shard.shard_id)
         except StageInputError as error:
             excluded[shard.shard_id] = str(error)
             continue
+        except ShardBusyError:
+            pass  # another run is exporting it now: release what it last finished, if any
         state = pipeline.state.get_stage(shard.shard_id, "export")
+        if state.status != "done" or PARQUET_NAME not in state.artifacts:
+            excluded[shard.shard_id] = f"export of shard {shard.shard_id} is {state.status}"
+            continue
         exported[shard.shard_id] = {
             "fingerprint": state.fingerprint,
-            "rows": outcome.counts.get("released", 0),
+            "rows": state.counts.get("released", 0),
             "artifacts": state.artifacts,
         }
     return exported, excluded

@@ -233,3 +233,11 @@ def test_takedown_requests_are_validated(settings):
             request_takedown(pipeline, [], ["abc"])
         with pipeline.state.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM takedown_requests")).scalar() == 0
+
+
+def test_a_shard_being_exported_elsewhere_keeps_its_last_export(released):
+    settings, shard_ids, first = released
+    with Pipeline.open(settings) as pipeline, pipeline.state.claim(shard_ids[0], "export"):
+        again = publish_release(pipeline)
+    assert again.rows == first.rows and again.excluded == {}
+    assert again.files_written == []
