@@ -51,15 +51,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _admin(url: str, statement: str) -> None:
-    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(statement)
-    finally:
-        engine.dispose()
-
-
 def _tail(path: Path, chars: int = 4000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -69,13 +60,13 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 @pytest.fixture
-def airflow_metadata_url(pg_admin_url: str) -> Iterator[str]:
+def airflow_metadata_url(empty_db_url: str) -> str:
     """A fresh, empty Postgres database for Airflow's own metadata, dropped afterwards."""
-    name = f"fc_airflow_{uuid.uuid4().hex[:10]}"
-    _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
-    url = make_url(pg_admin_url).set(database=name)
-    yield url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return (
+        make_url(empty_db_url)
+        .set(drivername="postgresql+psycopg2")
+        .render_as_string(hide_password=False)
+    )
 
 
 class AirflowCluster:
