@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pendulum
 from airflow.sdk import Param, dag, task
-from facecaption_tasks import DEFAULT_ARGS, check_map_length, max_shards_param, process_shards
+from facecaption_tasks import DAG_DEFAULTS, check_map_length, max_shards_param, process_shards
 
 from facecaption.pipeline import WORK_STATUSES
 from facecaption.stages import stage_registry
@@ -19,14 +18,10 @@ STAGES = list(stage_registry())
 
 @dag(
     dag_id="facecaption_build",
-    description="Turn image URL lists into fetched shards (then faces, attributes, captions).",
+    description="Image URL lists to faces, attributes, captions and a published release.",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
     max_active_runs=4,
-    render_template_as_native_obj=True,  # params.force and params.stages stay bool and list
-    tags=["facecaption"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         "source": Param(
             None,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pendulum
 from airflow.sdk import dag, task
-from facecaption_tasks import DEFAULT_ARGS, check_map_length, max_shards_param, process_shards
+from facecaption_tasks import DAG_DEFAULTS, check_map_length, max_shards_param, process_shards
 
 from facecaption.settings import Settings
 
@@ -19,12 +18,8 @@ from facecaption.settings import Settings
     dag_id="facecaption_refresh",
     description="Scheduled: new source files, stale stages, retryable rows; nothing else.",
     schedule=Settings().refresh.schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
     max_active_runs=1,
-    render_template_as_native_obj=True,
-    tags=["facecaption"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         "max_shards": max_shards_param(),
     },

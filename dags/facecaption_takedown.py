@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import pendulum
 from airflow.sdk import Param, dag, task
-from facecaption_tasks import DEFAULT_ARGS
+from facecaption_tasks import DAG_DEFAULTS
 
 
 @dag(
     dag_id="facecaption_takedown",
     description="Remove images (by URL or sha256) from every release output; fetch skips them.",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
     max_active_runs=1,
-    render_template_as_native_obj=True,
-    tags=["facecaption"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         "urls": Param(
             [],

@@ -369,7 +369,6 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _text_stats(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
 
     from facecaption.pipeline import Pipeline
     from facecaption.stages.caption import PARQUET_NAME, text_stats
@@ -381,11 +380,11 @@ def _text_stats(args: argparse.Namespace) -> int:
             state = row.stages.get("caption")
             if state is None or state.status != "done":
                 continue
-            with pipeline.store.open(pipeline.store.shard_path(row.shard_id, PARQUET_NAME)) as f:
-                for caption in pq.read_table(f).to_pylist():
-                    raw.append(caption["raw_text"])
-                    if caption["caption_source"] == "llm":
-                        llm.append(caption["caption"])
+            path = pipeline.store.shard_path(row.shard_id, PARQUET_NAME)
+            for caption in pipeline.store.read_table(path).to_pylist():
+                raw.append(caption["raw_text"])
+                if caption["caption_source"] == "llm":
+                    llm.append(caption["caption"])
     for label, texts in (("raw text (grammar)", raw), ("LLM captions", llm)):
         stats = text_stats(texts)
         mean = stats["words"] / stats["captions"] if stats["captions"] else 0.0

@@ -14,24 +14,24 @@ numbers are also embedded as JSON (`<script type="application/json" id="report-d
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import html
 import io
 import json
 import math
-import os
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
 import sqlalchemy as sa
 from PIL import Image
 
 from facecaption.attributes import CATEGORIES, CELEBA_ATTRIBUTES
-from facecaption.stages.caption import NGRAM, words
+from facecaption.stages.caption import ngrams, words
 from facecaption.stages.fetch import KEPT, POLICY
+from facecaption.store import ArtifactStore
 from facecaption.writers import iter_webdataset
 
 if TYPE_CHECKING:
@@ -71,12 +71,12 @@ def _sum_counts(states: list[Any], stage: str) -> Counter[str]:
 
 
 def _histogram(values: list[float], edges: list[float]) -> list[int]:
+    """Counts per bin [edges[i], edges[i + 1])."""
     counts = [0] * (len(edges) - 1)
     for value in values:
-        for i in range(len(edges) - 1):
-            if edges[i] <= value < edges[i + 1]:
-                counts[i] += 1
-                break
+        index = bisect.bisect_right(edges, value) - 1
+        if 0 <= index < len(counts):
+            counts[index] += 1
     return counts
 
 
@@ -130,8 +130,7 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
     released_ids: list[tuple[str, str]] = []
 
     def read(shard_id: str, name: str, columns: list[str]) -> list[dict[str, Any]]:
-        with store.open(store.shard_path(shard_id, name)) as handle:
-            return pq.read_table(handle, columns=columns).to_pylist()
+        return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
 
     for shard in shards:
         sid = shard.shard_id
@@ -158,8 +157,7 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
                 for kind, text in texts:
                     if gram_captions[kind] < MAX_NGRAM_CAPTIONS:
                         gram_captions[kind] += 1
-                        tokens = words(text)
-                        grams[kind].update(zip(*(tokens[i:] for i in range(NGRAM)), strict=False))
+                        grams[kind].update(ngrams(words(text)))
         if (sid, "export") in done:
             for row in read(sid, "release.parquet", ["face_id"]):
                 released_ids.append((sid, row["face_id"]))
@@ -242,18 +240,22 @@ def _throughput(pipeline: Pipeline) -> dict[str, dict[str, float]]:
     with pipeline.state.engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT stage, duration_s, counts FROM stage_events WHERE event = 'done'"
-                " AND duration_s IS NOT NULL"
-            )
-        ).all()
+                "SELECT e.stage, count(*) AS attempts, sum(e.duration_s) AS seconds,"
+                " sum(COALESCE((e.counts ->> u.unit)::bigint, 0)) AS items"
+                " FROM stage_events e JOIN unnest(CAST(:stages AS text[]),"
+                " CAST(:units AS text[])) AS u(stage, unit) ON u.stage = e.stage"
+                " WHERE e.event = 'done' AND e.duration_s IS NOT NULL GROUP BY e.stage"
+            ),
+            {"stages": list(THROUGHPUT_UNITS), "units": list(THROUGHPUT_UNITS.values())},
+        )
+        totals = {row.stage: row for row in rows}
     result: dict[str, dict[str, float]] = {}
     for stage, unit in THROUGHPUT_UNITS.items():
-        events = [row for row in rows if row.stage == stage]
-        seconds = sum(row.duration_s for row in events)
-        items = sum(int((row.counts or {}).get(unit, 0)) for row in events)
+        row = totals.get(stage)
+        seconds, items = (float(row.seconds), int(row.items)) if row else (0.0, 0)
         result[stage] = {
             "unit": unit,
-            "attempts": len(events),
+            "attempts": row.attempts if row else 0,
             "seconds": round(seconds, 3),
             "items": items,
             "per_second": round(items / seconds, 2) if seconds > 0 else 0.0,
@@ -418,14 +420,10 @@ def write_report(pipeline: Pipeline, out: Path | None = None) -> str:
     """Collect, render and publish the report: at `{root}/release/report.html` in the
     artifact store, or at a local `out` path. Either way it appears whole or not at all."""
     page = render(collect(pipeline))
+    store, target = pipeline.store, f"{pipeline.store.root}/release/{REPORT_NAME}"
     if out is not None:
         out = out.expanduser().resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
+        store, target = ArtifactStore(str(out.parent)), str(out)
+    with store.publish(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-        return str(out)
-    target = f"{pipeline.store.root}/release/{REPORT_NAME}"
-    with pipeline.store.publish(target) as tmp_path:
-        tmp_path.write_text(page, encoding="utf-8")
-    return pipeline.store.uri(target)
+    return store.uri(target)

@@ -108,10 +108,10 @@ def decode_upright(body: bytes, max_pixels: int) -> UprightImage:
             if isinstance(error, ImageDecodeError):
                 raise
             raise ImageDecodeError(str(error)) from error
-    return UprightImage(_to_rgb8(upright), raw_size, orientation if 1 <= orientation <= 8 else 1)
+    return UprightImage(to_rgb8(upright), raw_size, orientation if 1 <= orientation <= 8 else 1)
 
 
-def _to_rgb8(image: Image.Image) -> np.ndarray:
+def to_rgb8(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.int64)
         peak = 65535 if image.mode.startswith("I;16") else max(int(wide.max()), 1)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from facecaption.imaging import _to_rgb8
+from facecaption.imaging import to_rgb8
 
 MIN_SIDE = 16  # pixels, both sides; the half-scale image is then at least 8 x 8
 FEATURE_COUNT = 36
@@ -176,7 +176,7 @@ def _parse_model(svm_text: str, normalize_bytes: bytes, source: Path) -> Brisque
 def _gray(image: Image.Image | np.ndarray) -> np.ndarray:
     """Gray levels in [0, 1] as float64, as scikit-image's rgb2gray gives them."""
     if isinstance(image, Image.Image):
-        pixels = np.asarray(image) if image.mode == "L" else _to_rgb8(image)
+        pixels = np.asarray(image) if image.mode == "L" else to_rgb8(image)
     else:
         pixels = np.asarray(image)
         if pixels.dtype != np.uint8:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +104,7 @@ def publish_release(pipeline: Pipeline) -> ReleaseReport:
         }
         for request_id, summary in matched.items():
             takedowns.mark_applied(request_id, summary, outputs)
-        return ReleaseReport(**{**report.__dict__, "takedowns_applied": pending})
+        return replace(report, takedowns_applied=pending)
 
 
 def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -127,6 +127,7 @@ def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[s
         exported[shard.shard_id] = {
             "fingerprint": state.fingerprint,
             "rows": state.counts.get("released", 0),
+            "samples": state.counts.get("training_samples", 0),
             "artifacts": state.artifacts,
         }
     return exported, excluded
@@ -197,12 +198,9 @@ def _assemble(
                 "shard_id": shard,
                 "sha256": ref["sha256"],
                 "bytes": ref["bytes"],
-                "samples": None,
-            }  # fmt: skip
+                "samples": state["samples"],
+            }
         )
-    samples = _training_samples(pipeline, [t["shard_id"] for t in training])
-    for entry in training:
-        entry["samples"] = samples[entry["shard_id"]]
     kept = [e["path"] for e in files + training if e["path"] not in written]
     removed = sorted(set(before) - {e["path"] for e in files + training})
     manifest = {
@@ -243,8 +241,7 @@ def _write_file(pipeline: Pipeline, path: str, shards: list[str], row_group: int
             pending: list[pa.Table] = []
             buffered = 0
             for shard in shards:
-                with store.open(store.shard_path(shard, PARQUET_NAME)) as handle:
-                    table = pq.read_table(handle, schema=RELEASE_SCHEMA)
+                table = store.read_table(store.shard_path(shard, PARQUET_NAME))
                 pending.append(table)
                 buffered += table.num_rows
                 rows += table.num_rows
@@ -255,19 +252,10 @@ def _write_file(pipeline: Pipeline, path: str, shards: list[str], row_group: int
                     rest = combined.slice(row_group)
                     pending, buffered = [rest], rest.num_rows
             if buffered or not groups:
-                writer.write_table(pa.concat_tables(pending) if pending else _empty())
+                writer.write_table(pa.concat_tables(pending or [RELEASE_SCHEMA.empty_table()]))
                 groups += 1
         ref = store.describe(path, tmp)
     return {"rows": rows, "row_groups": groups, "sha256": ref.sha256, "bytes": ref.bytes}
-
-
-def _empty() -> pa.Table:
-    return RELEASE_SCHEMA.empty_table()
-
-
-def _training_samples(pipeline: Pipeline, shard_ids: list[str]) -> dict[str, int]:
-    states = {s.shard_id: s for s in pipeline.state.stage_table(shard_ids) if s.stage == "export"}
-    return {shard: int(states[shard].counts.get("training_samples", 0)) for shard in shard_ids}
 
 
 def _record_export(
@@ -320,8 +308,7 @@ def match_takedown(pipeline: Pipeline, request_id: int) -> dict[str, Any]:
         found_shas: set[str] = set()
         for shard_id in shard_ids:
             path = pipeline.store.shard_path(shard_id, FETCH_PARQUET)
-            with pipeline.store.open(path) as handle:
-                rows = pq.read_table(handle, columns=["key", "url", "sha256"]).to_pylist()
+            rows = pipeline.store.read_table(path, ["key", "url", "sha256"]).to_pylist()
             for row in rows:
                 if row["url"] in urls or (row["sha256"] and row["sha256"] in shas):
                     matches[(shard_id, row["key"])] = {"shard_id": shard_id, **row}

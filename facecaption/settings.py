@@ -227,15 +227,16 @@ class ExportSettings(BaseModel):
         2000, ge=0, description="crops scored for image quality (BRISQUE) in the report"
     )
 
-    RELEASE_FIELDS: ClassVar[tuple[str, ...]] = ("rows_per_file", "row_group_size")
+    # the release's file layout and the report: not part of any shard's export
+    NOT_SHARD_FIELDS: ClassVar[tuple[str, ...]] = (
+        "rows_per_file",
+        "row_group_size",
+        "report_max_crops",
+    )
 
     def output_settings(self) -> dict[str, Any]:
-        """What shapes a shard's export (the file layout is the release's business)."""
-        return {
-            k: v
-            for k, v in self.model_dump().items()
-            if k not in (*self.RELEASE_FIELDS, "report_max_crops")
-        }
+        """What shapes a shard's export."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.NOT_SHARD_FIELDS}
 
 
 class Settings(BaseSettings):

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import IO
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 PARTIAL_MARKER = ".partial-"
@@ -82,6 +84,11 @@ class ArtifactStore:
 
     def open(self, path: str, mode: str = "rb") -> IO[bytes]:
         return self.fs.open(path, mode)
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """A parquet artifact (or some of its columns) as an Arrow table."""
+        with self.open(path) as handle:
+            return pq.read_table(handle, columns=columns)
 
     @contextmanager
     def publish(self, path: str) -> Iterator[Path]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pendulum
 from airflow.sdk import Param, task, task_group
 from facecaption_operators import GpuShardStageOperator, ShardStageOperator
 
@@ -17,6 +18,17 @@ DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": True,
+}
+
+
+# What every facecaption DAG is: triggered or scheduled from 2026 on, no catch-up, params
+# rendered as native objects (bools and lists stay so), tagged, with DEFAULT_ARGS.
+DAG_DEFAULTS: dict[str, Any] = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "render_template_as_native_obj": True,
+    "tags": ["facecaption"],
+    "default_args": DEFAULT_ARGS,
 }
 
 

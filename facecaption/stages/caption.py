@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from facecaption.attributes import CELEBA_ATTRIBUTES
 from facecaption.fidelity import check_caption
@@ -59,6 +58,11 @@ def words(text: str) -> list[str]:
     return [word.strip(".,;:!?\"'()").lower() for word in text.split() if word.strip(".,;:!?")]
 
 
+def ngrams(tokens: list[str]) -> Iterator[tuple[str, ...]]:
+    """The word 4-grams of a caption."""
+    return zip(*(tokens[i:] for i in range(NGRAM)), strict=False)
+
+
 def text_stats(texts: Iterable[str]) -> dict[str, int]:
     """Caption count, total words and distinct word 4-grams (the paper's comparison)."""
     count = total = 0
@@ -67,7 +71,7 @@ def text_stats(texts: Iterable[str]) -> dict[str, int]:
         tokens = words(text)
         count += 1
         total += len(tokens)
-        grams.update(zip(*(tokens[i:] for i in range(NGRAM)), strict=False))
+        grams.update(ngrams(tokens))
     return {"captions": count, "words": total, "unique_4grams": len(grams)}
 
 
@@ -113,8 +117,8 @@ class CaptionStage:
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.caption
         grammar = grammar_for(limits)
-        with store.open(store.shard_path(shard.shard_id, ATTRIBUTES_PARQUET)) as handle:
-            faces = [face for face in pq.read_table(handle).to_pylist() if face["kept"]]
+        attributes = store.read_table(store.shard_path(shard.shard_id, ATTRIBUTES_PARQUET))
+        faces = [face for face in attributes.to_pylist() if face["kept"]]
         rewriter = None
         if limits.backend != "template" and faces:
             from facecaption.llm import load_rewriter

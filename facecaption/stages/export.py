@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from facecaption.settings import Settings
@@ -76,8 +75,7 @@ def training_key(face_id: str) -> str:
 
 
 def _read(store: Any, shard_id: str, name: str, columns: list[str] | None = None) -> list[dict]:
-    with store.open(store.shard_path(shard_id, name)) as handle:
-        return pq.read_table(handle, columns=columns).to_pylist()
+    return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
 
 
 def taken_down_keys(

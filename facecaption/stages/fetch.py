@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from facecaption.imaging import EXTENSIONS, check_image
 from facecaption.settings import FetchSettings, Settings
@@ -180,8 +179,7 @@ class FetchStage:
     def _keep_final_rows(context: StageContext, spool: Spool) -> dict[int, dict[str, Any]]:
         """Rows of the previous outputs whose status is final, their bytes into the spool."""
         store, shard_id = context.store, context.shard.shard_id
-        with store.open(store.shard_path(shard_id, PARQUET_NAME)) as handle:
-            previous = pq.read_table(handle).to_pylist()
+        previous = store.read_table(store.shard_path(shard_id, PARQUET_NAME)).to_pylist()
         kept = {
             record["row"]: record
             for record in previous
