@@ -24,11 +24,11 @@ import onnxruntime
 import torch
 from benchreport import write_section
 from PIL import Image
+from support.sampledata import package_file
 
-from facecaption.models.attribute_model import OnnxAttributeModel
-from facecaption.models.export import export_attribute_model
-from facecaption.models.resnet import ResNet50
-from facecaption.sampledata import package_file
+from facecaption.attribute.backends.onnx import OnnxAttributeModel
+from facecaption.attribute.conversion import convert_attribute_model
+from facecaption.attribute.resnet import ResNet50
 
 INPUT_SIZE = 256
 WARMUP_FACES = 4
@@ -84,7 +84,7 @@ def main() -> None:
         torch.manual_seed(0)
         checkpoint = Path(scratch) / "resnet50.pt"
         torch.save(ResNet50(40).state_dict(), checkpoint)
-        model_file = export_attribute_model(
+        model_file = convert_attribute_model(
             checkpoint, Path(scratch) / "celeba40-resnet50.onnx", input_size=INPUT_SIZE
         )
         contenders = [

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 from benchreport import write_section
+from support.chatserver import ChatServer
+from support.tiny_llm import build_tiny_qwen2
 from transformers.utils import logging as transformers_logging
 
-from facecaption.llm.chatserver import ChatServer
-from facecaption.llm.openai_backend import OpenAIRewriter
-from facecaption.llm.tiny import build_tiny_qwen2
-from facecaption.llm.transformers_backend import TransformersRewriter
+from facecaption.caption.rewriters.in_process import TransformersRewriter
+from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 from facecaption.settings import CaptionSettings
 
 BATCH_SIZES = (1, 8, 32)

@@ -33,19 +33,19 @@ from benchreport import write_section
 from insightface.app import FaceAnalysis
 from insightface.model_zoo import SCRFD, get_model
 from PIL import Image
+from support.sampledata import encode, packaged_photos
 
-from facecaption.imaging import decode_upright
-from facecaption.models.cascade_detector import CascadeDetector
-from facecaption.models.detectors import load_detector
-from facecaption.models.insightface_detector import InsightFaceDetector
-from facecaption.sampledata import encode, packaged_photos
+from facecaption.core.artifacts import FETCH_TAR
+from facecaption.core.imaging import decode_upright
+from facecaption.core.stage import StageContext
+from facecaption.core.store import ArtifactStore
+from facecaption.core.writers import WebDatasetWriter
+from facecaption.detect.backends import load_detector
+from facecaption.detect.backends.cascade import CascadeDetector
+from facecaption.detect.backends.insightface import InsightFaceDetector
+from facecaption.detect.stage import DetectStage
 from facecaption.settings import DetectSettings, Settings
-from facecaption.stages import StageContext
-from facecaption.stages.detect import DetectStage
-from facecaption.stages.fetch import TAR_NAME as FETCH_TAR
 from facecaption.state.shards import Shard
-from facecaption.store import ArtifactStore
-from facecaption.writers import WebDatasetWriter
 
 CPU_PROVIDER = "CPUExecutionProvider"
 SIDE = 640  # detector input, letterboxed; insightface's det_size
@@ -154,7 +154,7 @@ def detect_stage(model_file: Path, bodies: list[bytes], root: Path) -> tuple[Con
     counts: dict = {}
 
     def run(bodies_: list[bytes]) -> int:
-        with mock.patch("facecaption.stages.detect.load_detector", return_value=detector):
+        with mock.patch("facecaption.detect.stage.load_detector", return_value=detector):
             counts.clear()
             counts.update(DetectStage().run(context).counts)
         return counts["faces_detected"]

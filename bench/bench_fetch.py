@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from benchreport import write_section
 from PIL import Image
+from support.sampledata import encode
+from support.samplesite import Route, SampleSite
 
-from facecaption.sampledata import encode
-from facecaption.samplesite import Route, SampleSite
+from facecaption.fetch.stage import SourceRow, Spool, fetch_rows
 from facecaption.settings import FetchSettings
-from facecaption.stages.fetch import SourceRow, Spool, fetch_rows
 
 
 def make_routes(count: int, latency_s: float) -> dict[str, Route]:

@@ -49,9 +49,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from benchreport import write_section
 from PIL import Image
-
-from facecaption.sampledata import encode, packaged_photos
-from facecaption.samplesite import Route, SampleSite
+from support.sampledata import encode, packaged_photos
+from support.samplesite import Route, SampleSite
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / "bench" / ".venv-img2dataset"

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from benchreport import write_section
 
-from facecaption.stages.export import RELEASE_SCHEMA
-from facecaption.store import ArtifactStore
+from facecaption.core.artifacts import RELEASE_PARQUET, RELEASE_SCHEMA
+from facecaption.core.store import ArtifactStore
 
 WORDS = "he she has wears smiling young brown hair bangs big nose earrings hat a the and"
 
@@ -65,7 +65,7 @@ def make_shards(root: Path, shards: int, rows: int) -> list[str]:
             },
             schema=RELEASE_SCHEMA,
         )
-        path = Path(store.shard_path(shard_id, "release.parquet"))
+        path = Path(store.shard_path(shard_id, RELEASE_PARQUET))
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, compression="zstd")
         ids.append(shard_id)
@@ -75,7 +75,7 @@ def make_shards(root: Path, shards: int, rows: int) -> list[str]:
 def run_one(method: str, root: str, shard_ids: list[str], out: str, row_group: int) -> dict:
     start = time.perf_counter()
     if method == "ours":
-        from facecaption.release import _write_file
+        from facecaption.release.publish import _write_file
 
         pipeline = SimpleNamespace(store=ArtifactStore(root))
         entry = _write_file(pipeline, out, shard_ids, row_group)  # type: ignore[arg-type]
@@ -85,7 +85,7 @@ def run_one(method: str, root: str, shard_ids: list[str], out: str, row_group: i
 
         store = ArtifactStore(root)
         frame = pd.concat(
-            [pd.read_parquet(store.shard_path(s, "release.parquet")) for s in shard_ids],
+            [pd.read_parquet(store.shard_path(s, RELEASE_PARQUET)) for s in shard_ids],
             ignore_index=True,
         )
         frame.to_parquet(out, compression="zstd", row_group_size=row_group, index=False)

@@ -1,8 +1,18 @@
-"""Writing benchmark results into docs/benchmarks.md, one section per benchmark."""
+"""Writing benchmark results into docs/benchmarks.md, one section per benchmark.
+
+The benchmarks use the test scaffolding in tests/support (sample site, sample data, tiny
+models, chat server). Every script imports this module before `support` (the import order
+ruff keeps), and importing it puts tests/ on sys.path.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 
 def write_section(path: Path, title: str, command: str, lines: list[str]) -> None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import Param, dag, task
-from facecaption_tasks import DAG_DEFAULTS, check_map_length, max_shards_param, process_shards
+from facecaption_airflow.tasks import (
+    DAG_DEFAULTS,
+    check_map_length,
+    max_shards_param,
+    process_shards,
+)
 
-from facecaption.pipeline import WORK_STATUSES
-from facecaption.stages import stage_registry
+from facecaption.core.pipeline import WORK_STATUSES
+from facecaption.core.stage import stage_registry
 
 STAGES = list(stage_registry())
 
@@ -81,7 +86,7 @@ STAGES = list(stage_registry())
 def facecaption_build() -> None:
     @task
     def plan(**context: Any) -> list[str]:
-        from facecaption.pipeline import Pipeline
+        from facecaption.core.pipeline import Pipeline
 
         params = context["params"]
         source = params["source"]

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import dag, task
-from facecaption_tasks import DAG_DEFAULTS, check_map_length, max_shards_param, process_shards
+from facecaption_airflow.tasks import (
+    DAG_DEFAULTS,
+    check_map_length,
+    max_shards_param,
+    process_shards,
+)
 
 from facecaption.settings import Settings
 
@@ -27,7 +32,7 @@ from facecaption.settings import Settings
 def facecaption_refresh() -> None:
     @task
     def find_work(**context: Any) -> list[str]:
-        from facecaption.pipeline import Pipeline, PlanError
+        from facecaption.core.pipeline import Pipeline, PlanError
 
         with Pipeline.open() as pipeline:
             sources = pipeline.settings.refresh.sources

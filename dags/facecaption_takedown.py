@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import Param, dag, task
-from facecaption_tasks import DAG_DEFAULTS
+from facecaption_airflow.tasks import DAG_DEFAULTS
 
 
 @dag(
@@ -41,8 +41,8 @@ from facecaption_tasks import DAG_DEFAULTS
 def facecaption_takedown() -> None:
     @task
     def record(**context: Any) -> int:
-        from facecaption.pipeline import Pipeline
-        from facecaption.release import request_takedown
+        from facecaption.core.pipeline import Pipeline
+        from facecaption.release.takedowns import request_takedown
 
         params = context["params"]
         with Pipeline.open() as pipeline:
@@ -55,9 +55,9 @@ def facecaption_takedown() -> None:
 
     @task
     def apply(request_id: int) -> dict[str, Any]:
-        from facecaption.dataset_report import write_report
-        from facecaption.pipeline import Pipeline
-        from facecaption.release import publish_release
+        from facecaption.core.pipeline import Pipeline
+        from facecaption.release.publish import publish_release
+        from facecaption.release.report import write_report
         from facecaption.state.takedowns import TakedownIndex
 
         with Pipeline.open() as pipeline:

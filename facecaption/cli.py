@@ -1,4 +1,4 @@
-"""The `facecaption` command: db, plan, run, status, export, report, takedown, models,
+"""The `facecaption` command: db, plan, run, status, publish, report, takedown, models,
 text-stats, config, demo."""
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_status)
 
     export = commands.add_parser(
-        "export",
+        "publish",
+        aliases=["export"],
         help="publish the release: parquet files, training shards, manifest (incremental)",
     )
     export.add_argument(
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also write webdataset training shards (default: the export.training_shards setting)",
     )
     export.add_argument("--no-report", action="store_true", help="skip writing the HTML report")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_publish)
 
     report = commands.add_parser("report", help="write the self-contained HTML dataset report")
     report.add_argument(
@@ -135,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         handler=_models_list
     )
     export = model_commands.add_parser(
-        "export-attributes",
+        "convert-attributes",
+        aliases=["export-attributes"],
         help="turn a torchvision-layout ResNet-50 CelebA-40 checkpoint into ONNX + sidecar",
     )
     export.add_argument("checkpoint", help="a torch state_dict (.pt/.pth)")
@@ -144,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--interpolation", default="bicubic", help="resize filter (Pillow)")
     export.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
     export.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
-    export.set_defaults(handler=_models_export)
+    export.set_defaults(handler=_models_convert)
 
     stats = commands.add_parser(
         "text-stats", help="words per caption and distinct 4-grams: raw text vs LLM captions"
@@ -190,7 +192,7 @@ def _db_stop(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline
+    from facecaption.core.pipeline import Pipeline
 
     with Pipeline.open() as pipeline:
         report = pipeline.plan(args.sources)
@@ -205,7 +207,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline, run_shards
+    from facecaption.core.pipeline import Pipeline, run_shards
 
     settings = Settings()
     with Pipeline.open(settings) as pipeline:
@@ -229,8 +231,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline
-    from facecaption.report import format_status, status_json
+    from facecaption.core.pipeline import Pipeline
+    from facecaption.core.status import format_status, status_json
 
     with Pipeline.open() as pipeline:
         rows = pipeline.status(args.shard)
@@ -238,10 +240,10 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from facecaption.dataset_report import write_report
-    from facecaption.pipeline import Pipeline
-    from facecaption.release import publish_release
+def _publish(args: argparse.Namespace) -> int:
+    from facecaption.core.pipeline import Pipeline
+    from facecaption.release.publish import publish_release
+    from facecaption.release.report import write_report
 
     settings = Settings()
     if args.training_shards:
@@ -261,8 +263,8 @@ def _with_export(settings: Settings, **changes: object) -> Settings:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from facecaption.dataset_report import write_report
-    from facecaption.pipeline import Pipeline
+    from facecaption.core.pipeline import Pipeline
+    from facecaption.release.report import write_report
 
     settings = Settings()
     if args.max_crops is not None:
@@ -277,8 +279,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _takedown_request(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline
-    from facecaption.release import publish_release, request_takedown
+    from facecaption.core.pipeline import Pipeline
+    from facecaption.release.publish import publish_release
+    from facecaption.release.takedowns import request_takedown
 
     with Pipeline.open() as pipeline:
         request_id = request_takedown(
@@ -292,7 +295,7 @@ def _takedown_request(args: argparse.Namespace) -> int:
 
 
 def _takedown_list(args: argparse.Namespace) -> int:
-    from facecaption.pipeline import Pipeline
+    from facecaption.core.pipeline import Pipeline
     from facecaption.state.takedowns import TakedownIndex
 
     with Pipeline.open() as pipeline:
@@ -331,17 +334,17 @@ def _models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_export(args: argparse.Namespace) -> int:
+def _models_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from facecaption.attribute.conversion import convert_attribute_model
     from facecaption.models.cache import ModelCache
-    from facecaption.models.export import export_attribute_model
 
     settings = Settings()
     name = args.name or settings.attribute.model
     out = ModelCache(settings.model_cache_dir).attribute_model(name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = export_attribute_model(
+    path = convert_attribute_model(
         Path(args.checkpoint),
         out,
         input_size=args.input_size,
@@ -370,8 +373,8 @@ def _models_list(args: argparse.Namespace) -> int:
 
 def _text_stats(args: argparse.Namespace) -> int:
 
-    from facecaption.pipeline import Pipeline
-    from facecaption.stages.caption import PARQUET_NAME, text_stats
+    from facecaption.caption.stage import PARQUET_NAME, text_stats
+    from facecaption.core.pipeline import Pipeline
 
     raw: list[str] = []
     llm: list[str] = []
@@ -401,7 +404,20 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from facecaption.demo import run_demo
+    from pathlib import Path
+
+    import facecaption
+
+    # The demo's sample site, data and tiny models are test scaffolding: they live in the
+    # source checkout's tests/support (not in the installed package), beside dags/.
+    support = Path(facecaption.__file__).resolve().parents[1] / "tests"
+    if not (support / "support" / "demo.py").is_file():
+        raise FileNotFoundError(
+            "the demo runs from a source checkout (it needs dags/ and tests/support): clone"
+            " the repository and run `make demo`"
+        )
+    sys.path.insert(0, str(support))
+    from support.demo import run_demo
 
     return run_demo(Settings(), shard_size=args.shard_size)
 

@@ -46,9 +46,10 @@ for _name in [
 ]:
     del os.environ[_name]
 
-from facecaption.models.statistics_model import build_statistics_model  # noqa: E402
-from facecaption.sampledata import routes_for, sample_rows  # noqa: E402
-from facecaption.samplesite import SampleSite  # noqa: E402
+from support.sampledata import routes_for, sample_rows  # noqa: E402
+from support.samplesite import SampleSite  # noqa: E402
+from support.statistics_model import build_statistics_model  # noqa: E402
+
 from facecaption.settings import Settings  # noqa: E402
 from facecaption.state.db import sqlalchemy_url, upgrade  # noqa: E402
 

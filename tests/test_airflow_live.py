@@ -30,9 +30,9 @@ import psutil
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from support.sampledata import write_source
 
-from facecaption.sampledata import write_source
-from facecaption.stages import stage_registry
+from facecaption.core.stage import stage_registry
 
 pytestmark = pytest.mark.slow
 
@@ -174,11 +174,8 @@ def airflow_cluster(
     password = secrets.token_urlsafe(12)
     passwords_file = home / "passwords.json"
     passwords_file.write_text(json.dumps({"admin": password}))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AIRFLOW", "FACECAPTION_")) and k != "PYTHONPATH"
-    }
+    # PYTHONPATH stays: a checkout tested with another checkout's virtualenv points it here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FACECAPTION_"))}
     env.update(settings_env)
     env.update(
         {

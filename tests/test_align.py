@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from facecaption import align
-from facecaption.align import (
+from facecaption.detect import align
+from facecaption.detect.align import (
     ARCFACE_TEMPLATE,
     MAX_CROP_SIDE,
     MIN_CROP_SIDE,
@@ -16,7 +16,7 @@ from facecaption.align import (
     align_face,
     map_points,
 )
-from facecaption.models.detector import FaceDetection
+from facecaption.detect.backends.base import FaceDetection
 
 CANVAS_HEIGHT, CANVAS_WIDTH = 800, 1000
 BLOB_COLOURS = np.array(

@@ -16,30 +16,30 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from scrfd_model import build_scrfd_onnx
+from support.sampledata import encode
+from support.samplesite import Route, SampleSite
+from support.statistics_model import INPUT_SIZE, expected_logits
 from test_detect import DET_FACE, _fetch_and_detect
 from test_fetch import routes_source
 
-from facecaption.attributes import (
+from facecaption.attribute.backends.onnx import (
+    AttributeModelSpec,
+    OnnxAttributeModel,
+    preprocess,
+)
+from facecaption.attribute.labels import (
     CATEGORIES,
     CATEGORY_OF,
     CELEBA_ATTRIBUTES,
     HAIR_COLOURS,
     label_set,
 )
-from facecaption.models.attribute_model import (
-    AttributeModelSpec,
-    OnnxAttributeModel,
-    preprocess,
-)
-from facecaption.models.detector import ModelNotFoundError
-from facecaption.models.statistics_model import INPUT_SIZE, expected_logits
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode
-from facecaption.samplesite import Route, SampleSite
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import StageInputError
+from facecaption.core.writers import read_webdataset
+from facecaption.models.errors import ModelNotFoundError
+from facecaption.models.locate import attribute_model_file
 from facecaption.settings import DetectSettings
-from facecaption.stages import StageInputError
-from facecaption.stages.attribute import attribute_model_file
-from facecaption.writers import read_webdataset
 
 THRESHOLD = 0.85
 # Five labels no rule touches: enough for a face to be kept at the paper's min_labels.
@@ -291,7 +291,8 @@ def test_statistics_model_probabilities_are_known(statistics_model):
     np.testing.assert_allclose(got, sigmoid(expected_logits(batch)), rtol=0, atol=1e-5)
     assert got.std(axis=0).min() > 0  # faces differ, so every column varies
     digest = hashlib.sha256(statistics_model.read_bytes()).hexdigest()
-    assert model.model_id == f"statistics.onnx@sha256:{digest}"
+    sidecar = hashlib.sha256(statistics_model.with_suffix(".json").read_bytes()).hexdigest()
+    assert model.model_id == f"statistics.onnx@sha256:{digest}+sidecar:{sidecar[:16]}"
     assert model.predict([]).shape == (0, 40)
 
 
@@ -337,7 +338,7 @@ def test_a_missing_model_says_how_to_get_one(tmp_path, settings):
             "attribute": settings.attribute.model_copy(update={"model_path": None}),
         }
     )
-    with pytest.raises(ModelNotFoundError, match="facecaption models export-attributes"):
+    with pytest.raises(ModelNotFoundError, match="facecaption models convert-attributes"):
         attribute_model_file(cached)
 
 
@@ -401,6 +402,7 @@ def test_attribute_stage_on_aligned_crops(tmp_path, settings, statistics_model):
     assert set(expected) == {r["face_id"] for r in rows}
     digest = hashlib.sha256(statistics_model.read_bytes()).hexdigest()
     contradictions = kept = 0
+    sidecar = hashlib.sha256(statistics_model.with_suffix(".json").read_bytes()).hexdigest()
     for row in rows:
         got = np.array([row[c] for c in p_columns])
         np.testing.assert_allclose(got, expected[row["face_id"]], rtol=0, atol=1e-5)
@@ -413,7 +415,7 @@ def test_attribute_stage_on_aligned_crops(tmp_path, settings, statistics_model):
         assert list(row["flagged_labels"]) == list(labels.flagged)
         assert row["label_count"] == len(row["valid_labels"])
         assert row["kept"] == (len(row["valid_labels"]) >= 5)
-        assert row["model_id"] == f"statistics.onnx@sha256:{digest}"
+        assert row["model_id"] == f"statistics.onnx@sha256:{digest}+sidecar:{sidecar[:16]}"
         contradictions += len(row["dropped_labels"])
         kept += row["kept"]
     # the crops differ, so do their probabilities
@@ -464,7 +466,7 @@ def test_attribute_stage_on_aligned_crops(tmp_path, settings, statistics_model):
     # the model gone: the stage says how to get one and leaves the state as it was
     gone = with_attribute(settings, model_path=str(tmp_path / "gone.onnx"))
     with Pipeline.open(gone) as pipeline:
-        with pytest.raises(ModelNotFoundError, match="facecaption models export-attributes"):
+        with pytest.raises(ModelNotFoundError, match="facecaption models convert-attributes"):
             pipeline.run("attribute", shard_id)
         assert pipeline.state.get_stage(shard_id, "attribute").status == "done"
 

@@ -7,19 +7,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from scrfd_model import build_scrfd_onnx
+from support.chatserver import ChatServer
+from support.sampledata import encode
+from support.samplesite import Route, SampleSite
+from support.tiny_llm import build_tiny_qwen2
 from test_detect import DET_FACE
 from test_fetch import routes_source
 
-from facecaption.attributes import CELEBA_ATTRIBUTES
-from facecaption.grammar import Grammar
-from facecaption.llm.chatserver import ChatServer
-from facecaption.llm.tiny import build_tiny_qwen2
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode
-from facecaption.samplesite import Route, SampleSite
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.caption.grammar import Grammar
+from facecaption.caption.stage import text_stats
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import StageInputError
 from facecaption.settings import CaptionSettings, DetectSettings
-from facecaption.stages import StageInputError
-from facecaption.stages.caption import text_stats
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_server_replies_pass_retry_or_fall_back(attributed_shard):
     assert absent in rows[2]["contradicted"] and rows[2]["caption"] == rows[2]["raw_text"]
     assert asked == {0: 1, 1: 2, 2: 2, 3: 2}
     assert outcome.counts["llm_captions"] == 2
-    assert all(row["model_id"].startswith("openai:echo@") for row in captions)
+    assert all(row["model_id"] == "openai:echo" for row in captions)  # no server URL
 
 
 def test_caption_waits_for_attributes(tmp_path, settings):

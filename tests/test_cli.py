@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from support.sampledata import write_source
 
 from facecaption.cli import main
-from facecaption.sampledata import write_source
 from facecaption.state.db import load_migrations
 
 
@@ -112,13 +112,14 @@ def test_run_with_jobs_fetches_shards_in_worker_processes(
     )
 
 
-def test_export_report_and_takedown_commands(tmp_path, cli_env, sample, sample_site, capsys):
+def test_publish_report_and_takedown_commands(tmp_path, cli_env, sample, sample_site, capsys):
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
     assert main(["run", "--source", str(source)]) == 0
     capsys.readouterr()
-    assert main(["export", "--training-shards", "--no-report"]) == 0
+    assert main(["publish", "--training-shards", "--no-report"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["files"] >= 1 and first["training_shards"] == 3 and first["rows"] >= 1
+    # `export` is the old name of `publish`
     assert main(["export", "--training-shards", "--no-report"]) == 0
     assert json.loads(capsys.readouterr().out)["written"] == []  # nothing changed
     out = tmp_path / "report.html"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from support.sampledata import write_source
 
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import write_source
+from facecaption.core.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

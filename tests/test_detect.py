@@ -12,17 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from scrfd_model import build_scrfd_onnx
+from support.sampledata import encode, package_file
+from support.samplesite import Route, SampleSite
 from test_fetch import routes_source
 
-from facecaption.imaging import ImageDecodeError, decode_upright, upright_to_raw
-from facecaption.models.detector import FaceDetection
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode, package_file
-from facecaption.samplesite import Route, SampleSite
+from facecaption.core.imaging import ImageDecodeError, decode_upright, upright_to_raw
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import StageInputError
+from facecaption.core.writers import read_webdataset
+from facecaption.detect.backends.base import FaceDetection
+from facecaption.detect.stage import select_faces
 from facecaption.settings import DetectSettings
-from facecaption.stages import StageInputError
-from facecaption.stages.detect import select_faces
-from facecaption.writers import read_webdataset
 
 EXIF_ORIENTATION = 0x0112
 # A face in detector-input pixels (640 x 640), as the fake SCRFD model reports it.

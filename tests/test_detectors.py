@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 from scrfd_model import build_scrfd_onnx
+from support.sampledata import package_file
 
-from facecaption.models.cascade_detector import CascadeDetector
-from facecaption.models.detector import FaceDetection, ModelNotFoundError
-from facecaption.models.insightface_detector import InsightFaceDetector
-from facecaption.sampledata import package_file
+from facecaption.detect.backends.base import FaceDetection
+from facecaption.detect.backends.cascade import CascadeDetector
+from facecaption.detect.backends.insightface import InsightFaceDetector
+from facecaption.models.errors import ModelNotFoundError
 
 INPUT_SIDE = 640
 # Faces in detector-input pixels (the letterboxed 640 x 640 square), as the fake model reports.

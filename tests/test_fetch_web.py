@@ -19,15 +19,15 @@ import pyarrow.parquet as pq
 from aiohttp.resolver import ThreadedResolver
 from conftest import LOOPBACK_FETCH
 from PIL import Image
+from support.sampledata import encode
+from support.samplesite import Route, SampleSite
 from test_fetch import fetch_source, routes_source
 
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode
-from facecaption.samplesite import Route, SampleSite
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.writers import read_webdataset
+from facecaption.fetch.web.downloader import Download, Downloader
+from facecaption.fetch.web.guard import AddressGuard, GuardedResolver
 from facecaption.settings import FetchSettings, Settings
-from facecaption.web.downloader import Download, Downloader
-from facecaption.web.guard import AddressGuard, GuardedResolver
-from facecaption.writers import read_webdataset
 
 
 def png(shade: int = 0, size: int = 16) -> bytes:

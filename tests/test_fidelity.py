@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from facecaption.attributes import CELEBA_ATTRIBUTES, label_set
-from facecaption.fidelity import CONCEPTS, check_caption, states
-from facecaption.grammar import Grammar
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES, label_set
+from facecaption.caption.fidelity import CONCEPTS, check_caption, states
+from facecaption.caption.grammar import Grammar
 
 UNSURE = dict.fromkeys(CELEBA_ATTRIBUTES, 0.5)  # nothing ruled out
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from facecaption.attributes import CELEBA_ATTRIBUTES, NOT_FOR_CAPTIONS
-from facecaption.grammar import Grammar
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES, NOT_FOR_CAPTIONS
+from facecaption.caption.grammar import Grammar
 
 MALE_FACE = ["Male", "Young", "Smiling", "Big_Nose", "No_Beard", "Black_Hair", "Eyeglasses"]
 NEUTRAL_FACE = ["Young", "Smiling", "Big_Nose", "Bangs", "Wavy_Hair", "Wearing_Hat"]
-PACKAGED = resources.files("facecaption") / "data" / "grammar.toml"
+PACKAGED = resources.files("facecaption.caption") / "grammar.toml"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_same_seed_gives_the_same_text_in_another_process(grammar):
     text = grammar.raw_text(MALE_FACE, "0:face-1")
     assert text == grammar.raw_text(MALE_FACE, "0:face-1")
     code = (
-        "from facecaption.grammar import Grammar;"
+        "from facecaption.caption.grammar import Grammar;"
         f"print(Grammar.load().raw_text({MALE_FACE!r}, '0:face-1'))"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

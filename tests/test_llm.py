@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support.chatserver import ChatServer, Fault, first_requests
+from support.tiny_llm import build_tiny_qwen2
 
-from facecaption.llm import load_rewriter
-from facecaption.llm.chatserver import ChatServer, Fault, first_requests
-from facecaption.llm.openai_backend import OpenAIRewriter
-from facecaption.llm.tiny import build_tiny_qwen2
-from facecaption.llm.transformers_backend import TransformersRewriter
-from facecaption.models.detector import ModelNotFoundError
-from facecaption.settings import CaptionSettings
+from facecaption.caption.rewriters import load_rewriter
+from facecaption.caption.rewriters.in_process import TransformersRewriter
+from facecaption.caption.rewriters.openai_server import OpenAIRewriter
+from facecaption.models.errors import ModelNotFoundError
+from facecaption.settings import Settings
 
 SYSTEM = "You describe faces."
 PROMPTS = [
@@ -173,26 +173,34 @@ def test_server_with_the_tiny_model_answers_like_the_model_itself(tiny_model: Pa
 
 
 def test_load_rewriter_names_a_missing_model_folder(tmp_path: Path) -> None:
-    settings = CaptionSettings(backend="transformers", model="Qwen2.5-1.5B-Instruct")
+    settings = Settings(
+        home=tmp_path, caption={"backend": "transformers", "model": "Qwen2.5-1.5B-Instruct"}
+    )
     with pytest.raises(ModelNotFoundError) as error:
-        load_rewriter(settings, tmp_path)
+        load_rewriter(settings)
     message = str(error.value)
-    assert str(tmp_path / "llm" / "Qwen2.5-1.5B-Instruct") in message
+    assert str(tmp_path.resolve() / "models" / "llm" / "Qwen2.5-1.5B-Instruct") in message
     assert "huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct" in message
 
 
 def test_load_rewriter_needs_a_base_url_for_openai(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base_url"):
-        load_rewriter(CaptionSettings(backend="openai"), tmp_path)
+        load_rewriter(Settings(home=tmp_path, caption={"backend": "openai"}))
 
 
 def test_load_rewriter_builds_each_backend(tiny_model: Path, tmp_path: Path) -> None:
     local = load_rewriter(
-        CaptionSettings(model_path=str(tiny_model), temperature=0, max_new_tokens=4), tmp_path
+        Settings(
+            home=tmp_path,
+            caption={"model_path": str(tiny_model), "temperature": 0, "max_new_tokens": 4},
+        )
     )
     assert isinstance(local, TransformersRewriter) and len(local.rewrite(["notes"])) == 1
     remote = load_rewriter(
-        CaptionSettings(backend="openai", base_url="http://127.0.0.1:1/v1", server_model="m"),
-        tmp_path,
+        Settings(
+            home=tmp_path,
+            caption={"backend": "openai", "base_url": "http://127.0.0.1:1/v1", "server_model": "m"},
+        )
     )
-    assert remote.model_id == "openai:m@http://127.0.0.1:1/v1"
+    # the served model's name, never the server's (internal) URL
+    assert remote.model_id == "openai:m"

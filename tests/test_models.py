@@ -8,12 +8,12 @@ import zipfile
 
 import pytest
 from scrfd_model import build_scrfd_onnx
+from support.samplesite import Route, SampleSite
 
 from facecaption.cli import main
 from facecaption.models.cache import ModelCache, ModelChecksumError
-from facecaption.models.detector import ModelNotFoundError
-from facecaption.models.detectors import detector_identity
-from facecaption.samplesite import Route, SampleSite
+from facecaption.models.errors import ModelNotFoundError
+from facecaption.models.identity import detector_identity
 from facecaption.settings import DetectSettings, Settings
 
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facecaption.pipeline import Pipeline, PlanError
+from facecaption.core.pipeline import Pipeline, PlanError
+from facecaption.plan.sources import iter_rows
 from facecaption.settings import Settings
-from facecaption.sources import iter_rows
 from facecaption.state import UnknownShardError
 
 

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+from support.sampledata import package_file
 
-from facecaption import quality
-from facecaption.quality import (
+from facecaption.release import quality
+from facecaption.release.quality import (
     FEATURE_COUNT,
     MIN_SIDE,
     BrisqueModelError,
@@ -24,7 +25,6 @@ from facecaption.quality import (
     brisque_model,
     brisque_score,
 )
-from facecaption.sampledata import package_file
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("brisque") is None, reason="BRISQUE model: pip install brisque"

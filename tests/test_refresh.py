@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 from PIL import Image
+from support.sampledata import encode
+from support.samplesite import Route, SampleSite
 from test_select import build_all
 
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode
-from facecaption.samplesite import Route, SampleSite
+from facecaption.core.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

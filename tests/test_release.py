@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from PIL import Image
+from support.sampledata import write_source
 
-from facecaption.pipeline import Pipeline
-from facecaption.release import publish_release, request_takedown
-from facecaption.sampledata import write_source
+from facecaption.core.pipeline import Pipeline
+from facecaption.release.publish import publish_release
+from facecaption.release.takedowns import request_takedown
 from facecaption.state.takedowns import TakedownIndex, TakedownRequestError
 from tests.test_select import build_all
 

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support.sampledata import encode, write_source
+from support.samplesite import Route, SampleSite
 
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import encode, write_source
-from facecaption.samplesite import Route, SampleSite
-from facecaption.store import PARTIAL_MARKER
-from facecaption.writers import read_webdataset
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.store import PARTIAL_MARKER
+from facecaption.core.writers import read_webdataset
 
 
 @pytest.fixture

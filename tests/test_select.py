@@ -4,9 +4,9 @@ DAG running only the chosen shards and stages."""
 from __future__ import annotations
 
 import pytest
+from support.sampledata import write_source
 
-from facecaption.pipeline import Pipeline
-from facecaption.sampledata import write_source
+from facecaption.core.pipeline import Pipeline
 
 
 def build_all(tmp_path, settings, sample, sample_site):

@@ -9,15 +9,16 @@ import pytest
 from fastapi.testclient import TestClient
 from test_select import build_all
 
-from facecaption.pipeline import Pipeline
-from facecaption.stages import stage_registry
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import stage_registry
 
 STAGES = list(stage_registry())
 
 
 @pytest.fixture
 def client(tmp_path, settings, settings_env, sample, sample_site, monkeypatch, airflow_db):
-    from facecaption_plugin import FacecaptionPlugin, create_app
+    from facecaption_airflow.shard_view import create_app
+    from facecaption_plugin import FacecaptionPlugin
 
     assert FacecaptionPlugin.fastapi_apps[0]["url_prefix"] == "/facecaption"
     settings, shard_ids, _ = build_all(tmp_path, settings, sample, sample_site)

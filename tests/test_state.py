@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from facecaption.pipeline import Pipeline
+from facecaption.core.pipeline import Pipeline
 from facecaption.settings import Settings
 from facecaption.state import ShardBusyError, ShardState, Source, StateDBError
 from facecaption.state.db import (

@@ -8,11 +8,11 @@ import itertools
 
 import pytest
 
+from facecaption.fetch.web.consent import opt_out_directive
+from facecaption.fetch.web.guard import AddressGuard
+from facecaption.fetch.web.hosts import HostLimiter
+from facecaption.fetch.web.robots import RobotsTxt
 from facecaption.settings import FetchSettings
-from facecaption.web.consent import opt_out_directive
-from facecaption.web.guard import AddressGuard
-from facecaption.web.hosts import HostLimiter
-from facecaption.web.robots import RobotsTxt
 
 TOKEN = "facecaption"
 DIRECTIVES = FetchSettings().opt_out_directives

@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecaption.models.detector import ModelNotFoundError
-from facecaption.store import sha256_file
+from facecaption.core.store import sha256_file
+from facecaption.models.errors import ModelNotFoundError
 
 _CHUNK = 1 << 20
 RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7"
@@ -113,7 +113,7 @@ class ModelCache:
         self, name: str, url: str, sidecar_url: str, sha256: str | None = None
     ) -> Path:
         """Download an attribute .onnx and its sidecar .json, verify, install under `name`."""
-        from facecaption.models.attribute_model import AttributeModelSpec
+        from facecaption.attribute.backends.onnx import AttributeModelSpec
 
         key = f"attributes/{name}"
         with self._scratch() as scratch:

@@ -1,0 +1,111 @@
+"""Attribute: every aligned face of a shard gets the 40 CelebA probabilities and a consistent
+label set (`attributes.parquet`, one row per face; see `facecaption.attribute.labels` for the
+rules).
+
+Faces stream out of `faces.tar` in batches of the model's batch size; the crops are not
+written again. A face is `kept` when it has at least `min_labels` valid labels after
+contradictions are resolved; the others stay in the file with `kept = false`, so the
+thresholds can be studied without re-running the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+from facecaption.attribute.backends.onnx import OnnxAttributeModel
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES, label_set
+from facecaption.core.artifacts import ATTRIBUTES_PARQUET, ATTRIBUTES_SCHEMA, FACES_TAR
+from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.writers import iter_webdataset, write_parquet
+from facecaption.models.identity import attribute_identity
+from facecaption.models.locate import attribute_model_file
+from facecaption.settings import Settings
+from facecaption.state import Shard, ShardState
+
+
+def face_crops(tar_file: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
+    """(face_id, RGB crop) from a faces tar, read as a stream (image, then its json)."""
+    pending: dict[str, bytes] = {}
+    for key, ext, payload in iter_webdataset(tar_file):
+        if ext != "json":
+            pending[key] = payload
+            continue
+        meta = json.loads(payload)
+        with Image.open(io.BytesIO(pending.pop(key))) as crop:
+            yield meta["face_id"], np.asarray(crop.convert("RGB"))
+
+
+def _batches(faces: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:
+    batch: list[tuple[str, np.ndarray]] = []
+    for face in faces:
+        batch.append(face)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class AttributeStage:
+    name = "attribute"
+    version = "1"
+    artifact_names = (ATTRIBUTES_PARQUET,)
+
+    def fingerprint_inputs(
+        self, shard: Shard, settings: Settings, state: ShardState
+    ) -> dict[str, Any]:
+        upstream = upstream_checksums(state, shard.shard_id, "detect")  # first: inputs exist
+        return {
+            "detect": upstream,
+            "settings": settings.attribute.output_settings(),
+            "model": attribute_identity(settings),
+        }
+
+    def run(self, context: StageContext) -> StageResult:
+        shard, store, limits = context.shard, context.store, context.settings.attribute
+        model = OnnxAttributeModel(
+            attribute_model_file(context.settings),
+            batch_size=limits.batch_size,
+            providers=limits.providers,
+        )
+        counts: Counter[str] = Counter(faces=0, kept=0, contradictions=0)
+        rows: list[dict[str, Any]] = []
+        with store.open(store.shard_path(shard.shard_id, FACES_TAR)) as source:
+            for batch in _batches(face_crops(source), model.batch_size):
+                probabilities = model.predict([crop for _, crop in batch])
+                for (face_id, _), row in zip(batch, probabilities, strict=True):
+                    labels = label_set(
+                        dict(zip(CELEBA_ATTRIBUTES, row.tolist(), strict=True)),
+                        limits.threshold,
+                        limits.min_labels,
+                    )
+                    counts["faces"] += 1
+                    counts["kept"] += labels.kept
+                    counts["contradictions"] += len(labels.dropped)
+                    rows.append(
+                        {
+                            "face_id": face_id,
+                            **{
+                                f"p_{n}": float(p)
+                                for n, p in zip(CELEBA_ATTRIBUTES, row, strict=True)
+                            },
+                            "valid_labels": list(labels.valid),
+                            "dropped_labels": list(labels.dropped),
+                            "flagged_labels": list(labels.flagged),
+                            "label_count": len(labels.valid),
+                            "kept": labels.kept,
+                            "model_id": model.model_id,
+                        }
+                    )
+        path = store.shard_path(shard.shard_id, ATTRIBUTES_PARQUET)
+        with store.publish(path) as tmp:
+            write_parquet(rows, ATTRIBUTES_SCHEMA, tmp)
+            ref = store.describe(path, tmp)
+        return StageResult(counts=dict(counts), artifacts={ATTRIBUTES_PARQUET: ref})

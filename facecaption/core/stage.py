@@ -1,0 +1,80 @@
+"""Pipeline stages. Each is a plain object with a name, a version, the inputs its fingerprint
+covers, and `run(context)`; the CLI, the DAGs and the tests call them alike through
+`facecaption.core.runner.run_stage`, which builds the context from the state DB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from facecaption.core.store import ArtifactRef, ArtifactStore
+from facecaption.settings import Settings
+from facecaption.state import Shard, ShardState, StageState
+from facecaption.state.takedowns import TakedownIndex
+
+
+class StageInputError(RuntimeError):
+    """The stage's input is not there: the stage before it has not finished."""
+
+
+class DedupIndex(Protocol):
+    def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+        """Register `(sha256, key)` pairs of one shard; return each sha256's first owner
+        `(shard_id, key)`."""
+        ...
+
+
+@dataclass(frozen=True)
+class StageContext:
+    shard: Shard
+    settings: Settings
+    store: ArtifactStore
+    dedup: DedupIndex
+    # URLs and image bytes under a takedown: fetch skips them, export leaves them out.
+    takedowns: TakedownIndex | None = None
+    # The fingerprint this run records (outputs may carry it as provenance).
+    fingerprint: str = ""
+    # The stage's own earlier outputs when they were made with the same fingerprint: a stage
+    # may keep what in them is final and redo only the rest.
+    previous: StageState | None = None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    counts: dict[str, int]
+    artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    name: str
+    version: str
+    artifact_names: tuple[str, ...]
+
+    def fingerprint_inputs(
+        self, shard: Shard, settings: Settings, state: ShardState
+    ) -> dict[str, Any]: ...
+
+    def run(self, context: StageContext) -> StageResult: ...
+
+
+def upstream_checksums(state: ShardState, shard_id: str, stage: str) -> dict[str, str]:
+    """The sha256 of each artifact `stage` left for this shard, which a later stage's
+    fingerprint covers; StageInputError when `stage` is not done."""
+    upstream = state.get_stage(shard_id, stage)
+    if upstream.status != "done":
+        raise StageInputError(f"{stage} of shard {shard_id} is {upstream.status}, not done")
+    return {name: ref["sha256"] for name, ref in sorted(upstream.artifacts.items())}
+
+
+def stage_registry() -> dict[str, Stage]:
+    """Stages by name, in pipeline order."""
+    from facecaption.attribute.stage import AttributeStage
+    from facecaption.caption.stage import CaptionStage
+    from facecaption.detect.stage import DetectStage
+    from facecaption.fetch.stage import FetchStage
+    from facecaption.release.export import ExportStage
+
+    stages = (FetchStage(), DetectStage(), AttributeStage(), CaptionStage(), ExportStage())
+    return {stage.name: stage for stage in stages}

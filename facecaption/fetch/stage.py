@@ -1,0 +1,322 @@
+"""Fetch: a shard's URLs become `fetch.tar` (original image bytes + per-sample json, webdataset)
+and `fetch.parquet` (one row per source row, with a typed status).
+
+Statuses: `ok`; `duplicate` (the same bytes were kept first by the row `duplicate_of`, in this
+shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
+`taken_down` (the URL or the image's sha256 is under a takedown request); and
+the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
+`too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`. A bad URL is
+a row status, never a shard failure. Bytes are stored exactly as downloaded (native
+resolution, no re-encode). Both files are in source row order; the parquet is published last.
+
+A forced re-run over outputs made with the same settings keeps every row whose status is final
+(and its bytes) and fetches again only the transient failures (see `retry_later`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from facecaption.core.artifacts import (
+    FETCH_KEPT,
+    FETCH_PARQUET,
+    FETCH_POLICY,
+    FETCH_SCHEMA,
+    FETCH_TAR,
+)
+from facecaption.core.imaging import EXTENSIONS, check_image
+from facecaption.core.stage import DedupIndex, StageContext, StageResult
+from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
+from facecaption.fetch.web.downloader import Downloader, retry_later
+from facecaption.plan.sources import iter_rows
+from facecaption.settings import FetchSettings, Settings
+from facecaption.state import Shard, ShardState
+from facecaption.state.takedowns import TakedownIndex
+
+WORKERS_PER_CONNECTION = 4
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    row: int
+    url: Any
+    caption: str | None
+    sample_id: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.row:09d}"
+
+
+def shard_rows(shard: Shard) -> Iterator[SourceRow]:
+    row = shard.row_start
+    for batch in iter_rows(shard.source_uri, shard.columns, shard.row_start, shard.row_end):
+        data = batch.to_pydict()
+        for url, caption, sample_id in zip(
+            data["url"], data["caption"], data["sample_id"], strict=True
+        ):
+            yield SourceRow(
+                row,
+                url,
+                None if caption is None else str(caption),
+                None if sample_id is None else str(sample_id),
+            )
+            row += 1
+
+
+class Spool:
+    """Image bytes by row in one local append-only file, so memory holds offsets only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] = open(path, "w+b")  # noqa: SIM115 (closed in close())
+        self._where: dict[int, tuple[int, int]] = {}
+
+    def add(self, row: int, body: bytes) -> None:
+        self._file.seek(0, os.SEEK_END)
+        self._where[row] = (self._file.tell(), len(body))
+        self._file.write(body)
+
+    def __contains__(self, row: int) -> bool:
+        return row in self._where
+
+    def read(self, row: int) -> bytes:
+        offset, length = self._where[row]
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class FetchStage:
+    name = "fetch"
+    version = "2"
+    artifact_names = (FETCH_TAR, FETCH_PARQUET)
+
+    def fingerprint_inputs(
+        self, shard: Shard, settings: Settings, state: ShardState
+    ) -> dict[str, Any]:
+        return {
+            "source_id": shard.source_id,
+            "rows": [shard.row_start, shard.row_end],
+            "columns": shard.columns,
+            "settings": settings.fetch.output_settings(),
+        }
+
+    def run(self, context: StageContext) -> StageResult:
+        shard, store, limits = context.shard, context.store, context.settings.fetch
+        tar_path = store.shard_path(shard.shard_id, FETCH_TAR)
+        parquet_path = store.shard_path(shard.shard_id, FETCH_PARQUET)
+        rows = list(shard_rows(shard))
+        with store.publish(tar_path) as tmp_tar:
+            with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
+                kept = self._keep_final_rows(context, spool) if context.previous else {}
+                kept |= skip_taken_down_urls(rows, context.takedowns)
+                to_fetch = [row for row in rows if row.row not in kept]
+                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
+                by_row = {**kept, **fetched}
+                records = [by_row[row.row] for row in rows]
+                drop_taken_down_images(records, context.takedowns)
+                mark_duplicates(records, shard.shard_id, context.dedup)
+                write_tar(records, spool, tmp_tar)
+            tar_ref = store.describe(tar_path, tmp_tar)
+        with store.publish(parquet_path) as tmp_parquet:
+            write_parquet(records, FETCH_SCHEMA, tmp_parquet)
+            parquet_ref = store.describe(parquet_path, tmp_parquet)
+        statuses = Counter(record["status"] for record in records)
+        return StageResult(
+            counts={
+                "rows": len(records),
+                **dict(sorted(statuses.items())),
+                "bytes": sum(r["bytes"] or 0 for r in records if r["status"] == "ok"),
+                "fetched": len(to_fetch),
+                "reused": len(kept),
+                # rows a later run will try again (the runner re-runs a stage that has some)
+                "retryable": sum(retry_later(r["status"], r["http_status"]) for r in records),
+            },
+            artifacts={FETCH_TAR: tar_ref, FETCH_PARQUET: parquet_ref},
+            warnings=error_rate_warnings(statuses, limits.warn_error_rate),
+        )
+
+    @staticmethod
+    def _keep_final_rows(context: StageContext, spool: Spool) -> dict[int, dict[str, Any]]:
+        """Rows of the previous outputs whose status is final, their bytes into the spool."""
+        store, shard_id = context.store, context.shard.shard_id
+        previous = store.read_table(store.shard_path(shard_id, FETCH_PARQUET)).to_pylist()
+        kept = {
+            record["row"]: record
+            for record in previous
+            if not retry_later(record["status"], record["http_status"])
+        }
+        with store.open(store.shard_path(shard_id, FETCH_TAR)) as handle:
+            for key, ext, payload in iter_webdataset(handle):
+                if ext != "json" and int(key) in kept:
+                    spool.add(int(key), payload)
+        # an ok row whose bytes are missing from the tar cannot be kept as ok
+        return {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
+
+
+async def fetch_rows(
+    rows: list[SourceRow], limits: FetchSettings, spool: Spool
+) -> dict[int, dict[str, Any]]:
+    """Download and check `rows`, spooling the bytes of images we keep; records by row.
+
+    Memory is bounded by settings, not by the number of rows: at most `concurrency` bodies
+    downloading and `concurrency` waiting for their check (each under `max_bytes`); bodies go
+    to the spool as soon as they are checked.
+    """
+    records: dict[int, dict[str, Any]] = {}
+    queue: asyncio.Queue[SourceRow] = asyncio.Queue()
+    for row in rows:
+        queue.put_nowait(row)
+    loop = asyncio.get_running_loop()
+    checking = asyncio.Semaphore(limits.concurrency)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder:
+
+        async def worker() -> None:
+            while not queue.empty():
+                row = queue.get_nowait()
+                download = await downloader.get(row.url)
+                record = _record(row, download.status, download.error)
+                record.update(http_status=download.http_status, attempts=download.attempts)
+                if download.status == "ok":
+                    body = download.body or b""
+                    # Pillow releases the GIL while decoding: checks run beside the loop,
+                    # and at most `concurrency` bodies wait for theirs.
+                    async with checking:
+                        check = await loop.run_in_executor(
+                            decoder, check_image, body, limits.max_pixels
+                        )
+                    record.update(
+                        status=check.status,
+                        error=check.error,
+                        bytes=len(body),
+                        sha256=hashlib.sha256(body).hexdigest(),
+                        width=check.width,
+                        height=check.height,
+                        format=check.format,
+                        mode=check.mode,
+                        exif_orientation=check.exif_orientation,
+                    )
+                    if check.status == "ok":
+                        spool.add(row.row, body)
+                records[row.row] = record
+
+        async with Downloader(limits) as downloader:
+            # More workers than connections: a worker waiting for a busy or paused host holds
+            # no connection (the downloader's connector limits those), so other hosts go on.
+            workers = min(limits.concurrency * WORKERS_PER_CONNECTION, max(1, len(rows)))
+            await asyncio.gather(*(worker() for _ in range(workers)))
+    return records
+
+
+def skip_taken_down_urls(
+    rows: list[SourceRow], takedowns: TakedownIndex | None
+) -> dict[int, dict[str, Any]]:
+    """Records (status `taken_down`, nothing downloaded) for rows whose URL is under a
+    takedown."""
+    if takedowns is None:
+        return {}
+    blocked = takedowns.blocked("url", [row.url for row in rows if isinstance(row.url, str)])
+    return {
+        row.row: _record(row, "taken_down", "URL under a takedown request")
+        for row in rows
+        if row.url in blocked
+    }
+
+
+def drop_taken_down_images(records: list[dict[str, Any]], takedowns: TakedownIndex | None) -> None:
+    """Downloaded images whose bytes are under a takedown become `taken_down` and are not
+    stored."""
+    if takedowns is None:
+        return
+    blocked = takedowns.blocked("sha256", [r["sha256"] for r in records if r["status"] == "ok"])
+    for record in records:
+        if record["status"] == "ok" and record["sha256"] in blocked:
+            record.update(status="taken_down", error="image sha256 under a takedown request")
+
+
+def mark_duplicates(records: list[dict[str, Any]], shard_id: str, dedup: DedupIndex) -> None:
+    """Keep each image's bytes once: the first row in this shard, unless another shard
+    registered the same sha256 first. The others become `duplicate` with `duplicate_of`."""
+    first_in_shard: dict[str, str] = {}
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        sha = record["sha256"]
+        if sha in first_in_shard:
+            record.update(status="duplicate", duplicate_of=f"{shard_id}/{first_in_shard[sha]}")
+        else:
+            first_in_shard[sha] = record["key"]
+    owners = dedup.claim(shard_id, [(sha, key) for sha, key in first_in_shard.items()])
+    for record in records:
+        if record["status"] == "ok":
+            owner = owners[record["sha256"]]
+            if owner != (shard_id, record["key"]):
+                record.update(status="duplicate", duplicate_of=f"{owner[0]}/{owner[1]}")
+
+
+def write_tar(records: list[dict[str, Any]], spool: Spool, tar_path: Path) -> None:
+    with WebDatasetWriter(tar_path) as tar:
+        for record in records:
+            if record["status"] == "ok":
+                extension = EXTENSIONS.get(record["format"], "bin")
+                tar.write_json(record["key"], spool.read(record["row"]), extension, _meta(record))
+
+
+def error_rate_warnings(statuses: Counter[str], threshold: float) -> list[str]:
+    rows = sum(statuses.values())
+    failed = {s: n for s, n in statuses.items() if s not in FETCH_KEPT | FETCH_POLICY}
+    share = sum(failed.values()) / rows if rows else 0.0
+    if share <= threshold:
+        return []
+    breakdown = ", ".join(f"{status} {n}" for status, n in sorted(failed.items()))
+    return [f"{share:.0%} of rows failed (over {threshold:.0%}): {breakdown}"]
+
+
+def _record(row: SourceRow, status: str, error: str | None) -> dict[str, Any]:
+    url = row.url if isinstance(row.url, str) else (None if row.url is None else str(row.url))
+    return {
+        **{name: None for name in FETCH_SCHEMA.names},
+        "key": row.key,
+        "row": row.row,
+        "url": url,
+        "caption": row.caption,
+        "sample_id": row.sample_id,
+        "status": status,
+        "error": error,
+    }
+
+
+def _meta(record: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "key",
+        "row",
+        "url",
+        "caption",
+        "sample_id",
+        "http_status",
+        "sha256",
+        "width",
+        "height",
+        "format",
+        "mode",
+        "exif_orientation",
+    )
+    return {name: record[name] for name in keep}

@@ -1,0 +1,329 @@
+"""HTTP(S) downloads with asyncio: one typed result per URL, polite, safe and bounded.
+
+Knows nothing of shards, images or storage. `get` never raises for a bad URL or a bad server;
+it returns a `Download` whose status is one of:
+
+  ok, http_error, timeout, dns_error, connection_error, too_large, invalid_url,
+  blocked_address, robots_disallowed, robots_unavailable, opted_out
+
+Every hop of a download (redirects are followed here, not by aiohttp) is checked in order:
+scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
+waits for a per-host slot (see `hosts`). Response headers are read before the body: an error
+status, an `X-Robots-Tag` opt-out or a too-large Content-Length ends the download without
+reading the body; otherwise the body streams in under `max_bytes`. One deadline covers the
+time on the wire of an attempt, redirects and trickling bodies included (time queued for a
+host's slot or pause does not count).
+
+Connection failures, 408/425/429 and 5xx are retried within the run with exponential
+backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead. Timeouts have
+their own budget (`timeout_retries`, 0 by default): each costs a full deadline, so they are
+usually better left to the per-URL retry of a later run.
+Everything else is final at the first answer. `retry_later` says which statuses a later run
+should try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import socket
+import time
+from dataclasses import dataclass, replace
+
+import aiohttp
+from yarl import URL
+
+from facecaption.fetch.web.consent import opt_out_directive
+from facecaption.fetch.web.guard import (
+    AddressGuard,
+    BlockedAddressError,
+    GuardedResolver,
+    literal_address,
+)
+from facecaption.fetch.web.hosts import HostLimiter
+from facecaption.fetch.web.robots import RobotsTxt
+from facecaption.settings import FetchSettings
+
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+RETRY_NOW = frozenset({"timeout", "connection_error"})
+RETRY_LATER = RETRY_NOW | {"dns_error", "robots_unavailable"}
+_CHUNK = 64 * 1024
+
+
+def retry_later(status: str, http_status: int | None) -> bool:
+    """Whether a later run should fetch this row again (transient failures only)."""
+    return status in RETRY_LATER or (status == "http_error" and http_status in TRANSIENT_HTTP)
+
+
+@dataclass(frozen=True)
+class Download:
+    status: str
+    body: bytes | None = None
+    http_status: int | None = None
+    error: str | None = None
+    attempts: int = 1
+    retry_after_s: float | None = None
+
+    @property
+    def retry_now(self) -> bool:
+        return self.status in RETRY_NOW or (
+            self.status == "http_error" and self.http_status in TRANSIENT_HTTP
+        )
+
+
+class Downloader:
+    """An aiohttp session with our limits; `async with Downloader(limits) as downloader`.
+
+    One downloader serves one shard: its DNS and robots.txt caches live as long as it does.
+    """
+
+    def __init__(self, limits: FetchSettings) -> None:
+        self.limits = limits
+        self.guard = AddressGuard(limits.allow_networks)
+        self.hosts = HostLimiter(limits.per_host_concurrency, limits.per_host_rate)
+        self._resolver = GuardedResolver(self.guard)
+        self._robots: dict[str, asyncio.Future[RobotsTxt | Download]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Downloader:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.limits.concurrency,
+                resolver=self._resolver,
+                use_dns_cache=False,  # the guarded resolver caches, and checks
+                family=socket.AF_UNSPEC,
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.limits.connect_timeout_s,
+                sock_read=self.limits.read_timeout_s,
+            ),
+            headers={"User-Agent": self.limits.user_agent},
+            auto_decompress=True,
+            trust_env=False,  # a proxy would connect on our behalf, past the address checks
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- one URL ------------------------------------------------------------------------
+
+    async def get(self, raw_url: object) -> Download:
+        url = self._parse(raw_url)
+        if isinstance(url, Download):
+            return replace(url, attempts=0)
+        attempt = 0
+        while True:
+            attempt += 1
+            result = await self._attempt(url, self.limits.max_bytes, check_robots=True)
+            budget = (
+                self.limits.timeout_retries if result.status == "timeout" else self.limits.retries
+            )
+            if not result.retry_now or attempt > budget:
+                return replace(result, attempts=attempt)
+            if result.retry_after_s is not None:
+                if result.retry_after_s > self.limits.retry_after_max_s:
+                    return replace(result, attempts=attempt)
+                continue  # the host is paused; its slot waits the pause out
+            await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.limits.backoff_max_s, self.limits.backoff_base_s * 2 ** (attempt - 1))
+        return ceiling * (0.5 + random.random() / 2)
+
+    def _parse(self, raw: object) -> URL | Download:
+        if not isinstance(raw, str) or not raw.strip():
+            return Download("invalid_url", error="empty url")
+        try:
+            url = URL(raw.strip())
+        except (ValueError, TypeError) as error:
+            return Download("invalid_url", error=f"unparseable url: {error}")
+        if url.scheme not in self.limits.allowed_schemes:
+            return Download("invalid_url", error=f"scheme {url.scheme!r} not allowed")
+        if not url.host:
+            return Download("invalid_url", error="url has no host")
+        return url
+
+    async def _attempt(
+        self,
+        url: URL,
+        max_bytes: int,
+        *,
+        check_robots: bool,
+        truncate: bool = False,
+        deadline_s: float | None = None,
+    ) -> Download:
+        """One try, redirects included. With `truncate`, a body over `max_bytes` is cut there
+        instead of refused."""
+        try:
+            return await self._follow(
+                url, max_bytes, check_robots, truncate, deadline_s or self.limits.total_timeout_s
+            )
+        except BlockedAddressError as error:
+            return Download("blocked_address", error=str(error))
+        except aiohttp.ClientConnectorDNSError as error:
+            if isinstance(error.os_error, BlockedAddressError):
+                return Download("blocked_address", error=str(error.os_error))
+            return Download("dns_error", error=str(error))
+        except aiohttp.InvalidURL as error:
+            return Download("invalid_url", error=f"invalid url or redirect target: {error}")
+        except (aiohttp.ClientError, OSError) as error:
+            return Download("connection_error", error=f"{type(error).__name__}: {error}")
+
+    async def _follow(
+        self, url: URL, max_bytes: int, check_robots: bool, truncate: bool, deadline_s: float
+    ) -> Download:
+        """Request `url` and the redirects it leads to. The deadline counts time on the wire
+        (connect, wait, body) over all hops, not time queued for a host's slot or pause."""
+        assert self._session is not None, "use Downloader as an async context manager"
+        loop = asyncio.get_running_loop()
+        remaining = deadline_s
+        status = None
+        for _hop in range(self.limits.max_redirects + 1):
+            refused = await self._refuse(url, check_robots)
+            if refused is not None:
+                return refused
+            async with self.hosts.slot(url.host or ""):
+                started = loop.time()
+                try:
+                    async with (
+                        asyncio.timeout(remaining),
+                        self._session.get(url, allow_redirects=False) as response,
+                    ):
+                        status = response.status
+                        location = response.headers.get("Location")
+                        if status not in REDIRECTS or not location:
+                            return await self._read(url, response, max_bytes, truncate)
+                except TimeoutError:
+                    return Download("timeout", error=f"no complete answer in {deadline_s}s")
+                remaining -= loop.time() - started
+            target = self._parse(str(url.join(URL(location))))
+            if isinstance(target, Download):
+                return replace(target, http_status=status, error=f"redirect: {target.error}")
+            url = target
+        return Download(
+            "http_error",
+            http_status=status,
+            error=f"more than {self.limits.max_redirects} redirects",
+        )
+
+    async def _refuse(self, url: URL, check_robots: bool) -> Download | None:
+        """The reason not to request `url` at all, if there is one."""
+        host = url.host or ""
+        address = literal_address(host)
+        if address is not None:
+            reason = self.guard.blocked_reason(address)
+            if reason:
+                return Download("blocked_address", error=f"{address} is {reason}")
+        else:
+            try:
+                async with asyncio.timeout(self.limits.connect_timeout_s):
+                    await self._resolver.resolve(host, url.port or 0, socket.AF_UNSPEC)
+            except TimeoutError:
+                return Download("dns_error", error=f"{host}: no answer in time")
+            except BlockedAddressError as error:
+                return Download("blocked_address", error=str(error))
+            except OSError as error:
+                return Download("dns_error", error=f"{host}: {error}")
+        if check_robots and self.limits.respect_robots_txt:
+            robots = await self._robots_for(url)
+            if isinstance(robots, Download):
+                return robots
+            if not robots.allows(self.limits.user_agent_token, url.raw_path_qs):
+                return Download("robots_disallowed", error=f"{url.raw_path} disallowed for us")
+        return None
+
+    async def _read(
+        self, url: URL, response: aiohttp.ClientResponse, max_bytes: int, truncate: bool
+    ) -> Download:
+        status = response.status
+        if status >= 400:
+            retry_after = _retry_after_s(response.headers.get("Retry-After"))
+            if retry_after is not None and status in (429, 503):
+                self.hosts.pause(url.host or "", min(retry_after, self.limits.retry_after_max_s))
+            return Download(
+                "http_error", http_status=status, error=response.reason, retry_after_s=retry_after
+            )
+        directive = opt_out_directive(
+            response.headers.getall("X-Robots-Tag", []),
+            self.limits.user_agent_token,
+            self.limits.opt_out_directives,
+        )
+        if directive:
+            response.close()  # hang up before the body
+            return Download("opted_out", http_status=status, error=f"X-Robots-Tag: {directive}")
+        declared = response.content_length
+        if truncate:
+            head = bytearray()
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                head += chunk[: max_bytes - len(head)]
+                if len(head) >= max_bytes:
+                    response.close()
+                    break
+            return Download("ok", bytes(head), http_status=status)
+        if declared is not None and declared > max_bytes:
+            response.close()
+            return Download(
+                "too_large", http_status=status, error=f"Content-Length {declared} > {max_bytes}"
+            )
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            body += chunk
+            if len(body) > max_bytes:
+                response.close()
+                return Download(
+                    "too_large", http_status=status, error=f"body exceeds {max_bytes} bytes"
+                )
+        return Download("ok", bytes(body), http_status=status)
+
+    # -- robots.txt -----------------------------------------------------------------------
+
+    async def _robots_for(self, url: URL) -> RobotsTxt | Download:
+        origin = str(url.origin())
+        if origin not in self._robots:
+            self._robots[origin] = asyncio.ensure_future(self._fetch_robots(url.origin()))
+        return await asyncio.shield(self._robots[origin])
+
+    async def _fetch_robots(self, origin: URL) -> RobotsTxt | Download:
+        """The origin's robots.txt (an empty one when it has none), or why there is none.
+
+        A server error means `robots_unavailable` (RFC 9309: assume everything disallowed);
+        a network failure is reported as itself, since the image would meet it too. Only the
+        first `robots_max_bytes` are read (the RFC asks for at least 500 KiB)."""
+        robots_url = origin.with_path("/robots.txt")
+        result = await self._attempt(
+            robots_url,
+            self.limits.robots_max_bytes,
+            check_robots=False,
+            truncate=True,
+            deadline_s=self.limits.robots_timeout_s,
+        )
+        if result.status == "ok":
+            return RobotsTxt.parse((result.body or b"").decode("utf-8", errors="replace"))
+        if result.status == "http_error" and (result.http_status or 500) < 500:
+            return RobotsTxt(allow_all=True)
+        if result.status == "http_error":
+            return Download(
+                "robots_unavailable",
+                http_status=result.http_status,
+                error=f"{robots_url} answered {result.http_status}",
+            )
+        return replace(result, error=f"{robots_url}: {result.error}")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

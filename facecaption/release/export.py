@@ -1,0 +1,204 @@
+"""Export: one shard's contribution to the release.
+
+`release.parquet` holds one row per kept, captioned face with FaceCaption-15M's columns
+(`url`, `box` as [x1, y1, x2, y2] integer pixels of the original image, `laion_caption` and
+`caption` as lists of strings, as in FaceCaption-v2) plus ours: a stable face id, the source
+sample id, score, landmarks, valid attributes, raw grammar text, where the caption came from,
+the model ids, the fingerprint of this export and a license note. With
+`export.training_shards`, `train.tar` holds the webdataset sample `{key}.jpg` (aligned crop),
+`{key}.txt` (caption) and `{key}.json` (the row) of each face.
+
+Rows under a takedown (their URL or image sha256 was requested, or they were matched by the
+takedown DAG) are left out; the fingerprint covers the recorded matches, so a takedown makes
+exactly the affected shards stale. `facecaption.release.publish` assembles shard exports into files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+
+from facecaption.core.artifacts import (
+    ATTRIBUTES_PARQUET,
+    CAPTIONS_PARQUET,
+    FACES_PARQUET,
+    FACES_TAR,
+    FETCH_PARQUET,
+    RELEASE_PARQUET,
+    RELEASE_SCHEMA,
+    TRAIN_TAR,
+)
+from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
+from facecaption.settings import Settings
+from facecaption.state import Shard, ShardState
+from facecaption.state.takedowns import TakedownIndex
+
+
+def training_key(face_id: str) -> str:
+    """A webdataset key for a face id (`{shard}/{row}_{face}`): no '/' and no '.'."""
+    return face_id.replace("/", "_")
+
+
+def _read(store: Any, shard_id: str, name: str, columns: list[str] | None = None) -> list[dict]:
+    return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
+
+
+def taken_down_keys(
+    takedowns: TakedownIndex | None, shard_id: str, fetched: dict[str, dict[str, Any]]
+) -> set[str]:
+    """Source row keys of this shard that must not be released: matched by the takedown DAG,
+    or whose URL or sha256 is under a request not applied yet."""
+    if takedowns is None:
+        return set()
+    keys = {key for _, key in takedowns.shard_matches(shard_id)}
+    urls = takedowns.blocked("url", [row["url"] for row in fetched.values() if row["url"]])
+    shas = takedowns.blocked("sha256", [r["sha256"] for r in fetched.values() if r["sha256"]])
+    keys.update(key for key, row in fetched.items() if row["url"] in urls or row["sha256"] in shas)
+    return keys
+
+
+class ExportStage:
+    name = "export"
+    version = "1"
+    artifact_names = (RELEASE_PARQUET,)  # + TRAIN_TAR with export.training_shards
+
+    def fingerprint_inputs(
+        self, shard: Shard, settings: Settings, state: ShardState
+    ) -> dict[str, Any]:
+        inputs = {
+            stage: upstream_checksums(state, shard.shard_id, stage)
+            for stage in ("fetch", "detect", "attribute", "caption")
+        }
+        if not settings.export.training_shards:
+            inputs["detect"].pop(FACES_TAR, None)  # crops matter only to training shards
+        return {
+            **inputs,
+            "settings": settings.export.output_settings(),
+            "takedowns": TakedownIndex(state.engine).shard_matches(shard.shard_id),
+        }
+
+    def run(self, context: StageContext) -> StageResult:
+        shard, store, limits = context.shard, context.store, context.settings.export
+        fetched = {
+            row["key"]: row
+            for row in _read(
+                store,
+                shard.shard_id,
+                FETCH_PARQUET,
+                ["key", "url", "caption", "sample_id", "sha256", "status"],
+            )  # fmt: skip
+            if row["status"] == "ok"
+        }
+        faces = {row["face_id"]: row for row in _read(store, shard.shard_id, FACES_PARQUET)}
+        attributes = {
+            row["face_id"]: row
+            for row in _read(
+                store, shard.shard_id, ATTRIBUTES_PARQUET, ["face_id", "valid_labels", "model_id"]
+            )
+        }
+        blocked = taken_down_keys(context.takedowns, shard.shard_id, fetched)
+        counts: Counter[str] = Counter(captioned=0, released=0, taken_down=0)
+        rows = []
+        for caption in _read(store, shard.shard_id, CAPTIONS_PARQUET):
+            counts["captioned"] += 1
+            face = faces[caption["face_id"]]
+            if face["key"] in blocked:
+                counts["taken_down"] += 1
+                continue
+            rows.append(
+                release_row(
+                    face,
+                    fetched[face["key"]],
+                    attributes[caption["face_id"]],
+                    caption,
+                    context.fingerprint,
+                    limits.license,
+                )  # fmt: skip
+            )
+        counts["released"] = len(rows)
+        counts["images"] = len({row["sample_id"] or row["url"] for row in rows})
+        path = store.shard_path(shard.shard_id, RELEASE_PARQUET)
+        with store.publish(path) as tmp:
+            write_parquet(rows, RELEASE_SCHEMA, tmp)
+            artifacts = {RELEASE_PARQUET: store.describe(path, tmp)}
+        if limits.training_shards:
+            tar_path = store.shard_path(shard.shard_id, TRAIN_TAR)
+            with (
+                store.open(store.shard_path(shard.shard_id, FACES_TAR)) as crops,
+                store.publish(tar_path) as tmp_tar,
+            ):
+                counts["training_samples"] = write_training_shard(
+                    rows, crops, tmp_tar, limits.jpeg_quality
+                )
+                artifacts[TRAIN_TAR] = store.describe(tar_path, tmp_tar)
+        return StageResult(counts=dict(sorted(counts.items())), artifacts=artifacts)
+
+
+def release_row(
+    face: dict[str, Any],
+    fetched: dict[str, Any],
+    attributes: dict[str, Any],
+    caption: dict[str, Any],
+    fingerprint: str,
+    license_note: str,
+) -> dict[str, Any]:
+    return {
+        "url": fetched["url"],
+        "box": [face["x1"], face["y1"], face["x2"], face["y2"]],
+        "laion_caption": [fetched["caption"]] if fetched["caption"] is not None else [],
+        "caption": [caption["caption"]],
+        "face_id": face["face_id"],
+        "sample_id": fetched["sample_id"],
+        "shard_id": face["face_id"].split("/", 1)[0],
+        "image_sha256": fetched["sha256"],
+        "image_width": face["image_width"],
+        "image_height": face["image_height"],
+        "score": face["score"],
+        "landmarks": face["landmarks"],
+        "crop_width": face["crop_width"],
+        "crop_height": face["crop_height"],
+        "attributes": attributes["valid_labels"],
+        "raw_text": caption["raw_text"],
+        "caption_source": caption["caption_source"],
+        "fidelity": caption["fidelity"],
+        "detector_id": face["detector_id"],
+        "attribute_model_id": attributes["model_id"],
+        "caption_model_id": caption["model_id"],
+        "fingerprint": fingerprint,
+        "license": license_note,
+    }
+
+
+def write_training_shard(
+    rows: list[dict[str, Any]], crops: IO[bytes], path: Path, jpeg_quality: int
+) -> int:
+    """`{key}.jpg|txt|json` per released face, streamed in crop order (the order of the
+    rows), crops re-encoded as JPEG (kept as they are when detect already wrote JPEG)."""
+    wanted = {row["face_id"].split("/", 1)[1]: row for row in rows}
+    with WebDatasetWriter(path) as tar:
+        for face_key, ext, payload in iter_webdataset(crops):
+            row = wanted.get(face_key)
+            if row is None or ext == "json":
+                continue
+            tar.write(
+                training_key(row["face_id"]),
+                {
+                    "jpg": payload if ext == "jpg" else _jpeg(payload, jpeg_quality),
+                    "txt": row["caption"][0].encode(),
+                    "json": json.dumps(row, sort_keys=True).encode(),
+                },
+            )
+        return tar.samples
+
+
+def _jpeg(payload: bytes, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(payload)) as image:
+        image.convert("RGB").save(buffer, "JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()

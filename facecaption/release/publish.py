@@ -1,0 +1,263 @@
+"""Publishing the release: shard exports assembled into the files people download.
+
+Layout under `{store root}/release/`:
+    data/part-{index:05d}-{content}.parquet   one face per row (`core.artifacts.RELEASE_SCHEMA`)
+    train/{shard_id}.tar                      training shards, with `export.training_shards`
+    manifest.json                             files, row counts, sha256s, what it was built from
+
+A file holds whole shards (about `export.rows_per_file` rows) in row groups of
+`export.row_group_size`, written with memory for one row group and one shard. Shards keep
+their file from one export to the next and new shards go to the last file, so a re-export
+rewrites only files whose shards changed. A file's name carries a hash of its content's
+inputs: a changed file gets a new name, the manifest is published after every file it names,
+and files it no longer names are removed last, so a reader holding either manifest finds all
+of its files.
+
+Before assembling, an export matches pending takedown requests against every fetched row (by
+URL, by sha256, and by the sha256 of a requested URL's image, which finds the same picture
+under other URLs), re-exports exactly the affected shards and records, per request, when it
+was applied and which files changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facecaption.core.artifacts import (
+    MANIFEST,
+    RELEASE_DIR,
+    RELEASE_PARQUET,
+    RELEASE_SCHEMA,
+    TRAIN_TAR,
+)
+from facecaption.core.stage import StageInputError
+from facecaption.release.takedowns import match_takedown
+from facecaption.state import ShardBusyError
+from facecaption.state.exports import record_export
+from facecaption.state.takedowns import TakedownIndex
+
+if TYPE_CHECKING:
+    from facecaption.core.pipeline import Pipeline
+
+FORMAT = "facecaption-release/1"
+RELEASE_LOCK = ("release", "publish")
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    release_uri: str
+    manifest: dict[str, Any]
+    export_id: int
+    files_written: list[str]
+    files_removed: list[str]
+    files_kept: list[str]
+    excluded: dict[str, str]
+    takedowns_applied: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "release": self.release_uri,
+            "export_id": self.export_id,
+            "rows": self.rows,
+            "files": len(self.manifest["files"]),
+            "training_shards": len(self.manifest["training_shards"]),
+            "written": self.files_written,
+            "removed": self.files_removed,
+            "kept": len(self.files_kept),
+            "excluded_shards": len(self.excluded),
+            "takedowns_applied": self.takedowns_applied,
+        }
+
+
+def release_root(pipeline: Pipeline) -> str:
+    return f"{pipeline.store.root}/{RELEASE_DIR}"
+
+
+def read_manifest(pipeline: Pipeline) -> dict[str, Any] | None:
+    path = f"{release_root(pipeline)}/{MANIFEST}"
+    if not pipeline.store.exists(path):
+        return None
+    with pipeline.store.open(path) as handle:
+        return json.load(handle)
+
+
+def publish_release(pipeline: Pipeline) -> ReleaseReport:
+    """Export every captioned shard (skipping what is up to date), apply pending takedowns,
+    and publish the release files and manifest; record the export in the state DB."""
+    with pipeline.state.claim(*RELEASE_LOCK):
+        takedowns = TakedownIndex(pipeline.state.engine)
+        pending = [r.request_id for r in takedowns.list() if r.applied_at is None]
+        matched = {request_id: match_takedown(pipeline, request_id) for request_id in pending}
+        exported, excluded = export_shards(pipeline)
+        previous = read_manifest(pipeline) or {"files": [], "training_shards": [], "version": 0}
+        report = _assemble(pipeline, exported, excluded, previous, takedowns.request_ids())
+        outputs = {
+            "export_id": report.export_id,
+            "written": report.files_written,
+            "removed": report.files_removed,
+        }
+        for request_id, summary in matched.items():
+            takedowns.mark_applied(request_id, summary, outputs)
+        return replace(report, takedowns_applied=pending)
+
+
+def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Run the export stage on every shard whose captions are done; the export state of
+    each shard that has one, and why the others are left out."""
+    exported: dict[str, dict[str, Any]] = {}
+    excluded: dict[str, str] = {}
+    for shard in pipeline.state.list_shards():
+        try:
+            pipeline.run("export", shard.shard_id)
+        except StageInputError as error:
+            excluded[shard.shard_id] = str(error)
+            continue
+        except ShardBusyError:
+            pass  # another run is exporting it now: release what it last finished, if any
+        state = pipeline.state.get_stage(shard.shard_id, "export")
+        if state.status != "done" or RELEASE_PARQUET not in state.artifacts:
+            excluded[shard.shard_id] = f"export of shard {shard.shard_id} is {state.status}"
+            continue
+        exported[shard.shard_id] = {
+            "fingerprint": state.fingerprint,
+            "rows": state.counts.get("released", 0),
+            "samples": state.counts.get("training_samples", 0),
+            "artifacts": state.artifacts,
+        }
+    return exported, excluded
+
+
+def _groups(
+    previous: dict[str, Any], exported: dict[str, dict[str, Any]], rows_per_file: int
+) -> list[tuple[int, list[str]]]:
+    """(file index, shard ids): shards stay in their previous file; new ones fill the last."""
+    groups = [
+        (entry["index"], [s for s in entry["shards"] if s in exported])
+        for entry in previous["files"]
+    ]
+    groups = [(index, shards) for index, shards in groups if shards]
+    placed = {shard for _, shards in groups for shard in shards}
+    next_index = max((entry["index"] for entry in previous["files"]), default=-1) + 1
+    for shard in sorted(set(exported) - placed):
+        rows = exported[shard]["rows"]
+        if groups and sum(exported[s]["rows"] for s in groups[-1][1]) + rows <= rows_per_file:
+            groups[-1][1].append(shard)
+        else:
+            groups.append((next_index, [shard]))
+            next_index += 1
+    return groups
+
+
+def _content_key(shards: list[str], exported: dict[str, dict[str, Any]], row_group: int) -> str:
+    parts = [FORMAT, str(row_group)] + [
+        f"{shard}:{exported[shard]['artifacts'][RELEASE_PARQUET]['sha256']}" for shard in shards
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _assemble(
+    pipeline: Pipeline,
+    exported: dict[str, dict[str, Any]],
+    excluded: dict[str, str],
+    previous: dict[str, Any],
+    takedown_ids: list[int],
+) -> ReleaseReport:
+    store, limits = pipeline.store, pipeline.settings.export
+    root = release_root(pipeline)
+    before = {entry["path"]: entry for entry in previous["files"] + previous["training_shards"]}
+    written: list[str] = []
+    files = []
+    for index, shards in _groups(previous, exported, limits.rows_per_file):
+        name = f"data/part-{index:05d}-{_content_key(shards, exported, limits.row_group_size)}"
+        name += ".parquet"
+        entry = before.get(name)
+        if entry is None or not store.exists(f"{root}/{name}"):
+            entry = _write_file(pipeline, f"{root}/{name}", shards, limits.row_group_size)
+            entry.update(path=name, index=index, shards=shards)
+            written.append(name)
+        files.append(entry)
+    training = []
+    for shard, state in sorted(exported.items()):
+        ref = state["artifacts"].get(TRAIN_TAR)
+        if ref is None:
+            continue
+        name = f"train/{shard}.tar"
+        entry = before.get(name)
+        if entry is None or entry["sha256"] != ref["sha256"] or not store.exists(f"{root}/{name}"):
+            store.publish_copy(store.shard_path(shard, TRAIN_TAR), f"{root}/{name}")
+            written.append(name)
+        training.append(
+            {
+                "path": name,
+                "shard_id": shard,
+                "sha256": ref["sha256"],
+                "bytes": ref["bytes"],
+                "samples": state["samples"],
+            }
+        )
+    kept = [e["path"] for e in files + training if e["path"] not in written]
+    removed = sorted(set(before) - {e["path"] for e in files + training})
+    manifest = {
+        "format": FORMAT,
+        "version": previous.get("version", 0) + 1,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "license": limits.license,
+        "rows": sum(entry["rows"] for entry in files),
+        "columns": [{"name": f.name, "type": str(f.type)} for f in RELEASE_SCHEMA],
+        "files": files,
+        "training_shards": training,
+        "built_from": {
+            shard: {"fingerprint": state["fingerprint"], "rows": state["rows"]}
+            for shard, state in sorted(exported.items())
+        },
+        "excluded": excluded,
+        "takedown_requests": takedown_ids,
+    }
+    blob = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    manifest_path = f"{root}/{MANIFEST}"
+    with store.publish(manifest_path) as tmp:
+        tmp.write_bytes(blob)
+    for name in removed:
+        store.remove(f"{root}/{name}")
+    export_id = record_export(
+        pipeline.state.engine, store.uri(root), hashlib.sha256(blob).hexdigest(), manifest,
+        written, removed, kept,
+    )  # fmt: skip
+    return ReleaseReport(store.uri(root), manifest, export_id, written, removed, kept, excluded)
+
+
+def _write_file(pipeline: Pipeline, path: str, shards: list[str], row_group: int) -> dict:
+    """One release parquet from whole shard exports, in row groups of `row_group` rows."""
+    store = pipeline.store
+    rows = groups = 0
+    with store.publish(path) as tmp:
+        with pq.ParquetWriter(tmp, RELEASE_SCHEMA, compression="zstd") as writer:
+            pending: list[pa.Table] = []
+            buffered = 0
+            for shard in shards:
+                table = store.read_table(store.shard_path(shard, RELEASE_PARQUET))
+                pending.append(table)
+                buffered += table.num_rows
+                rows += table.num_rows
+                while buffered >= row_group:
+                    combined = pa.concat_tables(pending)
+                    writer.write_table(combined.slice(0, row_group))
+                    groups += 1
+                    rest = combined.slice(row_group)
+                    pending, buffered = [rest], rest.num_rows
+            if buffered or not groups:
+                writer.write_table(pa.concat_tables(pending or [RELEASE_SCHEMA.empty_table()]))
+                groups += 1
+        ref = store.describe(path, tmp)
+    return {"rows": rows, "row_groups": groups, "sha256": ref.sha256, "bytes": ref.bytes}

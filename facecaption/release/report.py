@@ -1,0 +1,428 @@
+"""The dataset report: one self-contained HTML file (inline SVG plots, no scripts to run, no
+network) that people read before they use or cite a build.
+
+It shows the funnel source -> fetched -> with faces -> kept faces -> attributed -> captioned
+-> released next to FaceCaption-15M's ratios, the fetch status breakdown, image and face
+resolution distributions, attribute and category frequencies, caption lengths, distinct
+4-grams of the grammar's text vs the LLM's captions, fidelity-check outcomes, BRISQUE image
+quality of a sample of released crops, and per-stage throughput from the attempt history.
+
+Counts come from the state DB (the same numbers `facecaption status --json` sums); the
+distributions are read from the shard artifacts column by column, one shard at a time. The
+numbers are also embedded as JSON (`<script type="application/json" id="report-data">`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import html
+import io
+import json
+import math
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from facecaption.attribute.labels import CATEGORIES, CELEBA_ATTRIBUTES
+from facecaption.caption.stage import ngrams, words
+from facecaption.core.artifacts import (
+    ATTRIBUTES_PARQUET,
+    CAPTIONS_PARQUET,
+    FACES_PARQUET,
+    FACES_TAR,
+    FETCH_KEPT,
+    FETCH_PARQUET,
+    FETCH_POLICY,
+    RELEASE_DIR,
+    RELEASE_PARQUET,
+    REPORT_NAME,
+)
+from facecaption.core.store import ArtifactStore
+from facecaption.core.writers import iter_webdataset
+from facecaption.state.history import stage_throughput
+
+if TYPE_CHECKING:
+    from facecaption.core.pipeline import Pipeline
+
+# FaceCaption-15M's funnel (paper): share of the previous step kept at each step.
+PAPER_FUNNEL = {
+    "source": 50_000_000,
+    "fetched": 37_500_000,
+    "with_faces": 37_000_000,
+    "kept_faces": 23_000_000,
+    "attributed": 15_000_000,
+    "captioned": 15_000_000,
+}
+FUNNEL_LABELS = {
+    "source": "source rows (URLs)",
+    "fetched": "images fetched",
+    "with_faces": "images with a face",
+    "kept_faces": "faces kept (score, size)",
+    "attributed": "faces with enough labels",
+    "captioned": "faces captioned",
+    "released": "rows released",
+}
+SIDE_BINS = [0, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, math.inf]
+WORD_BINS = [0, 10, 20, 30, 40, 50, 60, 80, 100, 150, math.inf]
+BRISQUE_BINS = [-math.inf, 0, 10, 20, 30, 40, 50, 60, 80, math.inf]
+MAX_NGRAM_CAPTIONS = 200_000  # distinct 4-grams are counted over at most this many captions
+
+
+def _sum_counts(states: list[Any], stage: str) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for state in states:
+        if state.stage == stage and state.status == "done":
+            total.update({k: v for k, v in state.counts.items() if isinstance(v, int)})
+    return total
+
+
+def _histogram(values: list[float], edges: list[float]) -> list[int]:
+    """Counts per bin [edges[i], edges[i + 1])."""
+    counts = [0] * (len(edges) - 1)
+    for value in values:
+        index = bisect.bisect_right(edges, value) - 1
+        if 0 <= index < len(counts):
+            counts[index] += 1
+    return counts
+
+
+def _bin_labels(edges: list[float]) -> list[str]:
+    def fmt(x: float) -> str:
+        return "∞" if x == math.inf else ("-∞" if x == -math.inf else f"{x:g}")
+
+    return [f"{fmt(a)}–{fmt(b)}" for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def _sampled(face_id: str, fraction: float) -> bool:
+    digest = int.from_bytes(hashlib.sha256(face_id.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
+    """Every number the report shows, as plain data."""
+    from facecaption.release.quality import BrisqueModelError, ImageTooSmallError, brisque_score
+
+    state, store = pipeline.state, pipeline.store
+    max_crops = pipeline.settings.export.report_max_crops if max_crops is None else max_crops
+    shards = state.list_shards()
+    states = state.stage_table()
+    done = {(s.shard_id, s.stage) for s in states if s.status == "done"}
+    fetch, detect = _sum_counts(states, "fetch"), _sum_counts(states, "detect")
+    attribute, caption = _sum_counts(states, "attribute"), _sum_counts(states, "caption")
+    export = _sum_counts(states, "export")
+    funnel = {
+        "source": sum(shard.num_rows for shard in shards),
+        "fetched": sum(fetch.get(status, 0) for status in FETCH_KEPT),
+        "with_faces": detect.get("images_with_faces", 0),
+        "kept_faces": detect.get("faces_kept", 0),
+        "attributed": attribute.get("kept", 0),
+        "captioned": caption.get("faces", 0),
+        "released": export.get("released", 0),
+    }
+    statuses = {
+        name: fetch.get(name, 0)
+        for name in sorted(fetch)
+        if name not in {"rows", "bytes", "fetched", "reused", "retryable"}
+    }
+
+    image_sides: list[float] = []
+    face_sides: list[float] = []
+    labels: Counter[str] = Counter()
+    lengths: list[float] = []
+    fidelity: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    grams: dict[str, set[tuple[str, ...]]] = {"template": set(), "llm": set()}
+    gram_captions = Counter[str]()
+    released_ids: list[tuple[str, str]] = []
+
+    def read(shard_id: str, name: str, columns: list[str]) -> list[dict[str, Any]]:
+        return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
+
+    for shard in shards:
+        sid = shard.shard_id
+        if (sid, "fetch") in done:
+            for row in read(sid, FETCH_PARQUET, ["status", "width", "height"]):
+                if row["status"] == "ok" and row["width"]:
+                    image_sides.append(min(row["width"], row["height"]))
+        if (sid, "detect") in done:
+            for row in read(sid, FACES_PARQUET, ["crop_width", "crop_height"]):
+                face_sides.append(min(row["crop_width"], row["crop_height"]))
+        if (sid, "attribute") in done:
+            for row in read(sid, ATTRIBUTES_PARQUET, ["kept", "valid_labels"]):
+                if row["kept"]:
+                    labels.update(row["valid_labels"])
+        if (sid, "caption") in done:
+            columns = ["raw_text", "caption", "caption_source", "fidelity", "word_count"]
+            for row in read(sid, CAPTIONS_PARQUET, columns):
+                lengths.append(row["word_count"])
+                fidelity[row["fidelity"]] += 1
+                sources[row["caption_source"]] += 1
+                texts = [("template", row["raw_text"])]
+                if row["caption_source"] == "llm":
+                    texts.append(("llm", row["caption"]))
+                for kind, text in texts:
+                    if gram_captions[kind] < MAX_NGRAM_CAPTIONS:
+                        gram_captions[kind] += 1
+                        grams[kind].update(ngrams(words(text)))
+        if (sid, "export") in done:
+            for row in read(sid, RELEASE_PARQUET, ["face_id"]):
+                released_ids.append((sid, row["face_id"]))
+
+    quality: list[float] = []
+    quality_note = ""
+    fraction = min(1.0, max_crops / len(released_ids)) if released_ids else 0.0
+    wanted: dict[str, set[str]] = {}
+    for sid, face_id in released_ids:
+        if _sampled(face_id, fraction):
+            wanted.setdefault(sid, set()).add(face_id.split("/", 1)[1])
+    try:
+        for sid, keys in wanted.items():
+            with store.open(store.shard_path(sid, FACES_TAR)) as handle:
+                for key, ext, payload in iter_webdataset(handle):
+                    if key in keys and ext != "json":
+                        with Image.open(io.BytesIO(payload)) as crop:
+                            try:
+                                score = brisque_score(crop)
+                            except ImageTooSmallError:
+                                continue
+                        if math.isfinite(score):
+                            quality.append(score)
+    except BrisqueModelError as error:
+        quality_note = str(error)
+
+    throughput = _throughput(pipeline)
+    categories = {
+        category: sum(labels[name] for name in names) for category, names in CATEGORIES.items()
+    }
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shards": len(shards),
+        "funnel": funnel,
+        "paper_funnel": PAPER_FUNNEL,
+        "fetch_statuses": statuses,
+        "policy_statuses": sorted(FETCH_POLICY),
+        "image_min_side": {
+            "bins": _bin_labels(SIDE_BINS),
+            "counts": _histogram(image_sides, SIDE_BINS),
+        },
+        "face_min_side": {
+            "bins": _bin_labels(SIDE_BINS),
+            "counts": _histogram(face_sides, SIDE_BINS),
+        },
+        "attributes": {name: labels[name] for name in CELEBA_ATTRIBUTES},
+        "categories": categories,
+        "caption_words": {"bins": _bin_labels(WORD_BINS), "counts": _histogram(lengths, WORD_BINS)},
+        "caption_sources": dict(sources),
+        "fidelity": dict(sorted(fidelity.items())),
+        "unique_4grams": {
+            kind: {"captions": gram_captions[kind], "unique_4grams": len(grams[kind])}
+            for kind in ("template", "llm")
+        },
+        "brisque": {
+            "crops": len(quality),
+            "sampled_from": len(released_ids),
+            "mean": sum(quality) / len(quality) if quality else None,
+            "median": sorted(quality)[len(quality) // 2] if quality else None,
+            "bins": _bin_labels(BRISQUE_BINS),
+            "counts": _histogram(quality, BRISQUE_BINS),
+            "note": quality_note,
+        },
+        "throughput": throughput,
+    }
+
+
+THROUGHPUT_UNITS = {
+    "fetch": "rows",
+    "detect": "images",
+    "attribute": "faces",
+    "caption": "faces",
+    "export": "captioned",
+}
+
+
+def _throughput(pipeline: Pipeline) -> dict[str, dict[str, float]]:
+    """Per stage, from the `done` events of the attempt history: items per second of task
+    time (the unit each stage counts), attempts, and total seconds."""
+    totals = stage_throughput(pipeline.state.engine, THROUGHPUT_UNITS)
+    result: dict[str, dict[str, float]] = {}
+    for stage, unit in THROUGHPUT_UNITS.items():
+        row = totals.get(stage)
+        seconds, items = (float(row.seconds), int(row.items)) if row else (0.0, 0)
+        result[stage] = {
+            "unit": unit,
+            "attempts": row.attempts if row else 0,
+            "seconds": round(seconds, 3),
+            "items": items,
+            "per_second": round(items / seconds, 2) if seconds > 0 else 0.0,
+        }
+    return result
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2430}
+h1{font-size:1.6rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dde}
+table{border-collapse:collapse;margin:.5rem 0}
+td,th{padding:.25rem .6rem;border-bottom:1px solid #eef;text-align:right}
+th:first-child,td:first-child{text-align:left}.note{color:#667}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:1.5rem}svg text{font-size:11px;fill:#334}
+"""
+
+
+def _bars(items: list[tuple[str, float]], title: str, color: str = "#4c78a8") -> str:
+    """A horizontal bar chart as inline SVG."""
+    width, label_w, bar_h = 520, 190, 18
+    height = bar_h * max(1, len(items)) + 24
+    peak = max((value for _, value in items), default=0) or 1
+    parts = [
+        f'<svg role="img" aria-label="{html.escape(title)}" width="{width}" height="{height}"'
+        f' viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{html.escape(title)}</title>"
+    ]
+    for i, (label, value) in enumerate(items):
+        y = 4 + i * bar_h
+        w = (width - label_w - 70) * value / peak
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end">{html.escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{bar_h - 5}"'
+            f' fill="{color}"/><text x="{label_w + w + 4:.1f}" y="{y + 13}">{value:g}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(header: list[str], rows: list[list[Any]], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _ratio(numerator: float, denominator: float, step: str) -> str:
+    if not denominator:
+        return "–"
+    if step == "kept_faces":  # faces from images: a rate per image, not a share
+        return f"{numerator / denominator:.2f} per image"
+    return f"{numerator / denominator:.1%}"
+
+
+def render(data: dict[str, Any], title: str = "facecaption dataset report") -> str:
+    funnel, paper = data["funnel"], data["paper_funnel"]
+    steps = list(FUNNEL_LABELS)
+    funnel_rows = []
+    for i, step in enumerate(steps):
+        previous = steps[i - 1] if i else None
+        ours = _ratio(funnel[step], funnel[previous], step) if previous else ""
+        theirs = _ratio(paper[step], paper[previous], step) if previous and step in paper else ""
+        funnel_rows.append(
+            [
+                FUNNEL_LABELS[step],
+                funnel[step],
+                ours,
+                f"{paper.get(step, 0):,}" if step in paper else "",
+                theirs,
+            ]
+        )
+    quality = data["brisque"]
+    throughput_rows = [
+        [stage, t["attempts"], t["items"], t["unit"], t["seconds"], t["per_second"]]
+        for stage, t in data["throughput"].items()
+    ]
+    grams = data["unique_4grams"]
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">Generated {html.escape(data["generated_at"])} from {data["shards"]}'
+        " shards. Counts come from the state DB; distributions from the shard artifacts.</p>",
+        "<h2>Funnel</h2>",
+        _table(
+            ["step", "count", "kept of previous", "FaceCaption-15M", "paper: kept of previous"],
+            funnel_rows,
+            "funnel",
+        ),
+        _bars([(FUNNEL_LABELS[s], funnel[s]) for s in steps], "Funnel"),
+        '<div class="grid"><div><h2>Fetch statuses</h2>',
+        _table(["status", "rows"], list(data["fetch_statuses"].items()), "fetch-statuses"),
+        "</div><div><h2>&nbsp;</h2>",
+        _bars(list(data["fetch_statuses"].items()), "Fetch statuses", "#e45756"),
+        "</div></div>",
+        '<div class="grid"><div><h2>Image resolution (shorter side, px)</h2>',
+        _bars(
+            list(
+                zip(data["image_min_side"]["bins"], data["image_min_side"]["counts"], strict=True)
+            ),
+            "Image shorter side",
+        ),
+        "</div><div><h2>Face crop resolution (shorter side, px)</h2>",
+        _bars(
+            list(zip(data["face_min_side"]["bins"], data["face_min_side"]["counts"], strict=True)),
+            "Face crop shorter side",
+        ),
+        "</div></div>",
+        "<h2>Attributes of kept faces</h2>",
+        _bars(
+            sorted(data["attributes"].items(), key=lambda kv: -kv[1]),
+            "Attribute frequencies",
+            "#54a24b",
+        ),
+        _table(["category", "labels"], list(data["categories"].items()), "categories"),
+        '<div class="grid"><div><h2>Caption length (words)</h2>',
+        _bars(
+            list(zip(data["caption_words"]["bins"], data["caption_words"]["counts"], strict=True)),
+            "Caption words",
+            "#f58518",
+        ),
+        "</div><div><h2>Captions: grammar text vs LLM</h2>",
+        _table(
+            ["text", "captions", "distinct 4-grams"],
+            [[kind, g["captions"], g["unique_4grams"]] for kind, g in grams.items()],
+            "ngrams",
+        ),
+        _table(
+            ["caption source", "faces"], list(data["caption_sources"].items()), "caption-sources"
+        ),
+        "<h2>Fidelity check</h2>",
+        _table(["outcome", "faces"], list(data["fidelity"].items()), "fidelity"),
+        "</div></div>",
+        "<h2>Image quality (BRISQUE, lower is better)</h2>",
+        f'<p class="note">{quality["crops"]} released crops scored (sampled from'
+        f" {quality['sampled_from']}); mean {_fmt(quality['mean'])}, median"
+        f" {_fmt(quality['median'])}. {html.escape(quality['note'])}</p>",
+        _bars(list(zip(quality["bins"], quality["counts"], strict=True)), "BRISQUE", "#72b7b2"),
+        "<h2>Throughput (task time, from the attempt history)</h2>",
+        _table(
+            ["stage", "attempts", "items", "unit", "seconds", "items/s"],
+            throughput_rows,
+            "throughput",
+        ),
+    ]
+    blob = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        + "".join(sections)
+        + f'<script type="application/json" id="report-data">{blob}</script></body></html>'
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def write_report(pipeline: Pipeline, out: Path | None = None) -> str:
+    """Collect, render and publish the report: at `{root}/release/report.html` in the
+    artifact store, or at a local `out` path. Either way it appears whole or not at all."""
+    page = render(collect(pipeline))
+    store, target = pipeline.store, f"{pipeline.store.root}/{RELEASE_DIR}/{REPORT_NAME}"
+    if out is not None:
+        out = out.expanduser().resolve()
+        store, target = ArtifactStore(str(out.parent)), str(out)
+    with store.publish(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return store.uri(target)

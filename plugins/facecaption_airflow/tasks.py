@@ -1,0 +1,128 @@
+"""The per-shard part every facecaption DAG shares: one mapped task group per shard
+(fetch -> detect -> attribute -> caption -> export), a summary, and the release (files,
+manifest, report) at the end. DAG files supply the shard ids."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, task, task_group
+
+from facecaption.settings import Settings
+from facecaption_airflow.operators import GpuShardStageOperator, ShardStageOperator
+
+# A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
+DEFAULT_ARGS = {
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+}
+
+
+# What every facecaption DAG is: triggered or scheduled from 2026 on, no catch-up, params
+# rendered as native objects (bools and lists stay so), tagged, with DEFAULT_ARGS.
+DAG_DEFAULTS: dict[str, Any] = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "render_template_as_native_obj": True,
+    "tags": ["facecaption"],
+    "default_args": DEFAULT_ARGS,
+}
+
+
+def max_shards_param(**extra: Any) -> Param:
+    return Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max shards",
+        description="Work on at most this many shards in this run (the rest in later runs).",
+        **extra,
+    )
+
+
+def process_shards(
+    shard_ids: Any,
+    force: str = "False",
+    stages: str | None = None,
+    retry_transient: bool = False,
+    publish: str | bool = True,
+) -> None:
+    """Wire the mapped shard groups, the summary and the release after the task producing
+    `shard_ids`. `publish` (a template in build runs) turns the release step off."""
+
+    @task_group
+    def process_shard(shard_id: str) -> None:
+        def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
+            return operator(
+                task_id=name,
+                stage=name,
+                shard_id=shard_id,
+                force=force,
+                selected_stages=stages,
+                retry_transient=retry_transient,
+                map_index_template="{{ task.shard_id }}",
+            )
+
+        # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
+        caption_operator = (
+            ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
+        )
+        (
+            stage(ShardStageOperator, "fetch")
+            >> stage(GpuShardStageOperator, "detect")
+            >> stage(GpuShardStageOperator, "attribute")
+            >> stage(caption_operator, "caption")
+            >> stage(ShardStageOperator, "export")
+        )
+
+    @task(trigger_rule="all_done")
+    def summary(shard_ids: list[str]) -> dict[str, Any]:
+        from facecaption.core.pipeline import Pipeline, status_totals
+        from facecaption.core.status import format_status
+
+        with Pipeline.open() as pipeline:
+            rows = pipeline.status(shard_ids)
+        print(format_status(rows))
+        return status_totals(rows)
+
+    groups = process_shard.expand(shard_id=shard_ids)
+    groups >> summary(shard_ids)
+    groups >> release_task(publish)
+
+
+def release_task(publish: str | bool = True) -> Any:
+    """The release step: publish the release files and manifest (exporting shards that are not
+    up to date, applying pending takedowns) and write the HTML report."""
+
+    @task(task_id="release", trigger_rule="all_done")
+    def release(publish: Any) -> dict[str, Any]:
+        from facecaption.core.pipeline import Pipeline
+        from facecaption.release.publish import publish_release
+        from facecaption.release.report import write_report
+
+        if publish in (False, "False", "false"):
+            print("publishing the release is turned off for this run")
+            return {"published": False}
+        with Pipeline.open() as pipeline:
+            report = publish_release(pipeline)
+            summary = {**report.summary(), "report": write_report(pipeline)}
+        print(f"release {summary['release']}: {summary['rows']} rows; report {summary['report']}")
+        return summary
+
+    return release(publish)
+
+
+def check_map_length(shard_ids: list[str]) -> list[str]:
+    """Refuse a plan Airflow would refuse later, with the fix in the message."""
+    from airflow.configuration import conf
+
+    limit = conf.getint("core", "max_map_length")
+    if len(shard_ids) > limit:
+        raise ValueError(
+            f"{len(shard_ids)} shards but [core] max_map_length is {limit}: set Max shards"
+            " (and trigger more runs), filter by status, or raise max_map_length"
+        )
+    return shard_ids

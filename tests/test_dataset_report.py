@@ -1,0 +1,97 @@
+"""The dataset report: its numbers are the state DB's, and it renders in a real browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+from PIL import Image, ImageStat
+from test_release import released  # noqa: F401 (fixture)
+
+from facecaption.core.pipeline import Pipeline
+from facecaption.release.report import write_report
+
+
+def report_data(path: str) -> dict:
+    page = Path(path).read_text(encoding="utf-8")
+    blob = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page)
+    assert blob, "the report embeds its numbers"
+    return json.loads(blob.group(1).replace("<\\/", "</"))
+
+
+def sums(settings, stage: str) -> Counter:
+    with Pipeline.open(settings) as pipeline, pipeline.state.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT counts FROM shard_stages WHERE stage = :s AND status = 'done'"),
+            {"s": stage},
+        )
+        total: Counter = Counter()
+        for (counts,) in rows:
+            total.update({k: v for k, v in counts.items() if isinstance(v, int)})
+        return total
+
+
+def test_report_numbers_match_the_state_db(released):  # noqa: F811
+    settings, shard_ids, release = released
+    with Pipeline.open(settings) as pipeline:
+        path = write_report(pipeline)
+        source_rows = sum(shard.num_rows for shard in pipeline.state.list_shards())
+        labels: Counter = Counter()
+        for shard_id in shard_ids:
+            table = pq.read_table(pipeline.store.shard_path(shard_id, "attributes.parquet"))
+            for row in table.to_pylist():
+                if row["kept"]:
+                    labels.update(row["valid_labels"])
+    assert path.endswith("release/report.html")
+    data = report_data(path)
+    fetch, detect = sums(settings, "fetch"), sums(settings, "detect")
+    assert data["funnel"] == {
+        "source": source_rows,
+        "fetched": fetch["ok"] + fetch["duplicate"],
+        "with_faces": detect["images_with_faces"],
+        "kept_faces": detect["faces_kept"],
+        "attributed": sums(settings, "attribute")["kept"],
+        "captioned": sums(settings, "caption")["faces"],
+        "released": release.rows,
+    }
+    assert data["fetch_statuses"]["ok"] == fetch["ok"]
+    assert sum(data["fetch_statuses"].values()) == fetch["rows"]
+    assert {k: v for k, v in data["attributes"].items() if v} == dict(labels)
+    assert sum(data["caption_words"]["counts"]) == data["funnel"]["captioned"]
+    assert sum(data["face_min_side"]["counts"]) == detect["faces_kept"]
+    assert sum(data["image_min_side"]["counts"]) == fetch["ok"]
+    assert data["unique_4grams"]["template"]["captions"] == data["funnel"]["captioned"]
+    assert data["unique_4grams"]["template"]["unique_4grams"] > 0
+    assert data["brisque"]["crops"] == release.rows  # all of them: fewer than report_max_crops
+    assert data["brisque"]["mean"] is not None
+    for stage in ("fetch", "detect", "attribute", "caption", "export"):
+        assert data["throughput"][stage]["attempts"] == len(shard_ids), stage
+    assert data["throughput"]["fetch"]["items"] == fetch["rows"]
+
+
+def test_report_renders_in_chromium_without_errors(released, browser, page_errors, tmp_path):  # noqa: F811
+    settings, _, release = released
+    with Pipeline.open(settings) as pipeline:
+        path = write_report(pipeline, tmp_path / "out" / "report.html")
+    with browser() as chromium:
+        page = chromium.new_page(viewport={"width": 1200, "height": 900})
+        errors = page_errors(page)
+        page.goto(Path(path).as_uri())
+        title = page.title()
+        funnel = page.locator("#funnel tbody tr").all_inner_texts()
+        charts = page.locator("svg").count()
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    shot.save(tmp_path / "report.png")  # kept with the test run for a look
+    assert title == "facecaption dataset report"
+    assert len(funnel) == 7
+    assert funnel[-1].split("\t")[:2] == ["rows released", str(release.rows)]
+    assert charts >= 7
+    assert errors == []
+    stats = ImageStat.Stat(shot.convert("L"))
+    assert stats.stddev[0] > 10  # not a blank page
+    assert len(shot.getcolors(maxcolors=1 << 20) or []) > 50  # text, bars of several colours
