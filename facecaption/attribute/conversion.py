@@ -42,13 +42,14 @@ import numpy as np
 
 from facecaption.attribute.backends.onnx import AttributeModelSpec
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.core.errors import PermanentError
 
 OPSET = 17
 TOLERANCE = 1e-3
 CHECK_BATCH = 2
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PermanentError, ValueError):
     """A checkpoint that is not a state_dict of the expected architecture."""
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
+from facecaption.core.errors import PermanentError
 from facecaption.core.runner import (
     RETRYABLE,
     StageOutcome,
@@ -28,7 +29,7 @@ from facecaption.state import ShardState, StageState, UnknownShardError, open_st
 WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
 
 
-class PlanError(ValueError):
+class PlanError(PermanentError, ValueError):
     """One or more sources could not be planned."""
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from facecaption.core.errors import PermanentError
 from facecaption.core.store import ArtifactRef, ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import Shard, ShardState, StageState
 from facecaption.state.takedowns import TakedownIndex
 
 
-class StageInputError(RuntimeError):
+class StageInputError(PermanentError, RuntimeError):
     """The stage's input is not there: the stage before it has not finished."""
 
 

@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from facecaption.core.errors import PermanentError
 from facecaption.core.store import sha256_file
 from facecaption.models.errors import ModelNotFoundError
 
@@ -50,7 +51,7 @@ PACKS = {
 }
 
 
-class ModelChecksumError(ValueError):
+class ModelChecksumError(PermanentError, ValueError):
     """A download's sha256 differs from its pin or from the one recorded before."""
 
 

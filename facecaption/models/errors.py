@@ -3,6 +3,8 @@ where the settings say, with the command that gets it in its message."""
 
 from __future__ import annotations
 
+from facecaption.core.errors import PermanentError
 
-class ModelNotFoundError(FileNotFoundError):
+
+class ModelNotFoundError(PermanentError, FileNotFoundError):
     """A model the settings ask for is not in the model cache or at the given path."""

@@ -16,13 +16,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from facecaption.core.errors import PermanentError
 from facecaption.settings import SourceColumns
 
 _HASH_CHUNK = 8 << 20
 _BATCH_ROWS = 4096
 
 
-class SourceError(ValueError):
+class SourceError(PermanentError, ValueError):
     """A source file cannot be used as it is (unreadable, not parquet, required column missing)."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from facecaption.core.errors import PermanentError
 from facecaption.settings import Settings
 
 EMBEDDED_DB_NAME = "facecaption"
@@ -28,6 +29,10 @@ _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 class StateDBError(RuntimeError):
     """The state DB is unreachable, not Postgres, or its schema does not match this code."""
+
+
+class StateSchemaError(PermanentError, StateDBError):
+    """The state DB is on another schema version than this code: `facecaption db upgrade`."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ def require_current_schema(engine: Engine) -> None:
     latest = max(m.version for m in load_migrations())
     found = current_version(engine)
     if found is None or found < latest:
-        raise StateDBError(
+        raise StateSchemaError(
             f"state DB schema is at version {found}, this code needs {latest}:"
             " run `facecaption db upgrade`"
         )

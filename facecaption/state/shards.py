@@ -21,6 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from facecaption.core.errors import PermanentError
+
 STATUSES = ("pending", "running", "done", "failed")
 
 
@@ -28,7 +30,7 @@ class ShardBusyError(RuntimeError):
     """Another worker holds this (shard, stage)."""
 
 
-class UnknownShardError(LookupError):
+class UnknownShardError(PermanentError, LookupError):
     """No shard with this id is registered."""
 
 

@@ -13,10 +13,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from facecaption.core.errors import PermanentError
+
 SHA256_LENGTH = 64
 
 
-class TakedownRequestError(ValueError):
+class TakedownRequestError(PermanentError, ValueError):
     """A takedown request that cannot be recorded (nothing asked, a malformed sha256...)."""
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from facecaption.core.errors import SettingsError
 from facecaption.models.identity import served_llm_identity, transformers_llm_identity
 from facecaption.models.locate import llm_folder
 from facecaption.settings import Settings
@@ -46,7 +47,7 @@ def load_rewriter(settings: Settings) -> Rewriter:
         )
     if caption.backend == "openai":
         if not caption.base_url:
-            raise ValueError(
+            raise SettingsError(
                 "caption.backend = 'openai' needs caption.base_url, the server's API root,"
                 " e.g. FACECAPTION_CAPTION__BASE_URL=http://127.0.0.1:8000/v1"
             )
@@ -67,4 +68,4 @@ def load_rewriter(settings: Settings) -> Rewriter:
             timeout_s=caption.timeout_s,
             retries=caption.retries,
         )
-    raise ValueError(f"caption.backend = {caption.backend!r} uses no LLM")
+    raise SettingsError(f"caption.backend = {caption.backend!r} uses no LLM")
