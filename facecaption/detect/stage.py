@@ -3,7 +3,12 @@ face (`faces.parquet`).
 
 Images stream out of `fetch.tar` (no extraction to disk; only rows fetch kept as `ok` are in
 it, so failed and duplicate rows are skipped), are decoded upright (EXIF orientation applied),
-and go to the detector in batches bounded by count and by pixels. Each detected face is kept
+and go to the detector in batches bounded by count and by pixels. An image is the input's: one
+that cannot be decoded is counted by its reason (`decode_error`: truncated or corrupt,
+`too_large`: over `detect.max_pixels`, `unsupported_mode`) and skipped; one whose EXIF
+orientation cannot be followed is used as stored, counted as `exif_unreadable` or
+`exif_orientation_invalid` (see `facecaption.core.imaging.exif_orientation`). Neither fails the
+stage. Each detected face is kept
 or dropped with a counted reason, in this order: `low_score` (below the backend's keep score),
 `too_small` (a box side under `min_face_px`), `out_of_image` (less than
 `MIN_INSIDE_FRACTION` of its box inside the image), `over_cap` (beyond `max_faces_per_image`,
@@ -87,7 +92,8 @@ def encode_crop(pixels: np.ndarray, crop_format: str) -> tuple[bytes, str]:
 
 class DetectStage:
     name = "detect"
-    version = "1"
+    # 2: orientation decided by `exif_orientation` for pixels and boxes alike
+    version = "2"
     artifact_names = (FACES_TAR, FACES_PARQUET)
 
     def fingerprint_inputs(
@@ -134,9 +140,11 @@ class DetectStage:
             counts["images"] += 1
             try:
                 image = decode_upright(body, limits.max_pixels)
-            except ImageDecodeError:
-                counts["decode_error"] += 1
+            except ImageDecodeError as error:
+                counts[error.reason] += 1
                 continue
+            if image.orientation_problem:
+                counts[image.orientation_problem] += 1
             batch.append((key, image))
             pixels += image.pixels.shape[0] * image.pixels.shape[1]
             if len(batch) >= limits.batch_size or pixels >= BATCH_PIXEL_BUDGET:
