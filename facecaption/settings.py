@@ -151,6 +151,12 @@ DEFAULT_SYSTEM_PROMPT = (
 DEFAULT_PROMPT = (
     "Rewrite these notes about a person's face as one natural description.\n\nNotes: {raw_text}"
 )
+# The second request for a reply that failed the fidelity check: the conversation so far plus
+# this, so that it differs from the first (a greedy model would repeat its first answer).
+DEFAULT_RETRY_PROMPT = (
+    "That description does not match the notes: {problems}. Rewrite it as one natural"
+    " description that keeps every fact in the notes and adds none."
+)
 
 
 class CaptionSettings(StageModelSettings):
@@ -184,14 +190,30 @@ class CaptionSettings(StageModelSettings):
     absent_below: float = Field(
         0.15, ge=0, le=1, description="an attribute this improbable may not be stated"
     )
+    retry_prompt: str = Field(
+        DEFAULT_RETRY_PROMPT,
+        description="asked after a reply that failed the fidelity check, with that reply"
+        " in the conversation and the seed plus one; {problems} says what was wrong",
+    )
+    max_caption_words: int = Field(
+        120, ge=1, description="a longer reply is cut to this many words (reply_truncated)"
+    )
+    max_caption_chars: int = Field(
+        1000, ge=1, description="and to this many characters, at a word boundary"
+    )
     batch_size: int = Field(16, ge=1, description="prompts per generate call / in flight")
     concurrency: int = Field(8, ge=1, description="openai backend: requests at once")
-    timeout_s: float = Field(60.0, gt=0, description="openai backend: per request")
+    timeout_s: float = Field(
+        60.0, gt=0, description="openai backend: deadline of one request, whole reply read"
+    )
     retries: int = Field(2, ge=0, description="openai backend: for 429/5xx/timeouts")
+    max_reply_bytes: int = Field(
+        1_048_576, ge=1, description="openai backend: reading stops here and the reply is refused"
+    )
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
         "batch_size", "concurrency", "timeout_s", "retries", "api_key_env",
-        "base_url",
+        "base_url", "max_reply_bytes",
     )  # fmt: skip
 
 

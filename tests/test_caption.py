@@ -94,7 +94,8 @@ def test_tiny_model_nonsense_falls_back_to_the_grammar(attributed_shard, tmp_pat
 
 def test_server_replies_pass_retry_or_fall_back(attributed_shard):
     """Four faces, four scripted servers answers: faithful; unfaithful then faithful; stating
-    an attribute the face does not have (twice); empty."""
+    an attribute the face does not have (twice); empty. The retry is a different request: it
+    carries the first reply and what was wrong with it, and the next seed."""
     settings, shard_id = attributed_shard
     grammar = Grammar.load()
     with Pipeline.open(settings) as pipeline:
@@ -110,11 +111,14 @@ def test_server_replies_pass_retry_or_fall_back(attributed_shard):
     )
     untrue = grammar.raw_text([absent], "untrue")
     asked: dict[int, int] = {}
+    retries: dict[int, list[dict]] = {}
 
     def reply(messages: list[dict]) -> str:
-        text = messages[-1]["content"].split("Notes: ", 1)[1]
+        text = messages[1]["content"].split("Notes: ", 1)[1]
         face = notes[text]
         asked[face] = asked.get(face, 0) + 1
+        if asked[face] == 2:
+            retries[face] = messages
         return {
             0: text,
             1: "A face." if asked[face] == 1 else text,
@@ -129,9 +133,19 @@ def test_server_replies_pass_retry_or_fall_back(attributed_shard):
     assert [row["fidelity"] for row in rows] == ["pass", "retry_pass", "fallback", "fallback"]
     assert [row["caption_source"] for row in rows] == ["llm", "llm", "template", "template"]
     assert absent in rows[2]["contradicted"] and rows[2]["caption"] == rows[2]["raw_text"]
-    assert asked == {0: 1, 1: 2, 2: 2, 3: 2}
-    assert outcome.counts["llm_captions"] == 2
+    assert asked == {0: 1, 1: 2, 2: 2, 3: 1}  # an empty reply is not asked again
+    assert [row["rewrite_error"] for row in rows] == [None, None, None, "empty_reply"]
+    assert outcome.counts["llm_captions"] == 2 and outcome.counts["rewrite_empty_reply"] == 1
     assert all(row["model_id"] == "openai:echo" for row in captions)  # no server URL
+    # the retry: the first reply as the assistant's turn, then what it got wrong
+    first_reply = {1: "A face.", 2: f"{rows[2]['raw_text']} {untrue}"}
+    for face, messages in retries.items():
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+        assert messages[2]["content"] == first_reply[face]
+    assert "leaves out" in retries[1][3]["content"]
+    assert f"contradicts them on {absent.replace('_', ' ').lower()}" in retries[2][3]["content"]
+    seeds = [request["seed"] for request in server.requests]
+    assert sorted(set(seeds)) == [0, 1] and seeds.count(1) == 2
 
 
 def test_caption_waits_for_attributes(tmp_path, settings):

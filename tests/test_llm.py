@@ -10,7 +10,7 @@ import pytest
 from support.chatserver import ChatServer, Fault, first_requests
 from support.tiny_llm import build_tiny_qwen2
 
-from facecaption.caption.rewriters import load_rewriter
+from facecaption.caption.rewriters import BAD_SHAPE, HTTP_ERROR, TIMEOUT, ask, load_rewriter
 from facecaption.caption.rewriters.in_process import TransformersRewriter
 from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 from facecaption.models.errors import ModelNotFoundError
@@ -49,8 +49,14 @@ def client(base_url: str, **overrides: object) -> OpenAIRewriter:
         concurrency=4,
         timeout_s=5.0,
         retries=2,
+        max_reply_bytes=1_000_000,
     )
     return OpenAIRewriter(base_url, "tiny", **{**options, **overrides})
+
+
+def texts(rewriter: TransformersRewriter | OpenAIRewriter, prompts: list[str]) -> list[str | None]:
+    """The reply texts to one-turn conversations."""
+    return [reply.text for reply in rewriter.rewrite([ask(prompt) for prompt in prompts])]
 
 
 def echo(messages: list[dict[str, str]]) -> str:
@@ -62,9 +68,10 @@ def echo(messages: list[dict[str, str]]) -> str:
 
 def test_tiny_model_rewrites_a_left_padded_batch(tiny_model: Path) -> None:
     rewriter = tiny_rewriter(tiny_model)
-    replies = rewriter.rewrite(PROMPTS)
-    assert len(replies) == 5 and all(isinstance(reply, str) for reply in replies)
-    assert any(replies)  # random weights write noise, but they write
+    replies = rewriter.rewrite([ask(prompt) for prompt in PROMPTS])
+    assert len(replies) == 5
+    assert all(r.text or r.error == "empty_reply" for r in replies)
+    assert any(r.text for r in replies)  # random weights write noise, but they write
     assert all(1 <= count <= 12 for count in rewriter.last_token_counts)
     assert rewriter.model_id.startswith("tiny-qwen2@sha256:")
     batch = rewriter.tokenizer(
@@ -75,16 +82,21 @@ def test_tiny_model_rewrites_a_left_padded_batch(tiny_model: Path) -> None:
 
 
 def test_same_seed_samples_the_same_replies(tiny_model: Path) -> None:
-    first = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7).rewrite(PROMPTS)
-    again = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7).rewrite(PROMPTS)
-    other = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=8).rewrite(PROMPTS)
+    first = texts(tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7), PROMPTS)
+    again = texts(tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7), PROMPTS)
+    other = texts(tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=8), PROMPTS)
     assert first == again
     assert first != other
+    # a retry (attempt 1) samples with the next seed
+    retried = tiny_rewriter(tiny_model, temperature=0.8, top_p=0.95, seed=7).rewrite(
+        [ask(prompt) for prompt in PROMPTS], attempt=1
+    )
+    assert [reply.text for reply in retried] == other
 
 
 def test_greedy_replies_do_not_depend_on_the_batch(tiny_model: Path) -> None:
-    batched = tiny_rewriter(tiny_model, batch_size=5).rewrite(PROMPTS)
-    one_by_one = tiny_rewriter(tiny_model, batch_size=1).rewrite(PROMPTS)
+    batched = texts(tiny_rewriter(tiny_model, batch_size=5), PROMPTS)
+    one_by_one = texts(tiny_rewriter(tiny_model, batch_size=1), PROMPTS)
     assert batched == one_by_one
 
 
@@ -112,7 +124,7 @@ def test_replies_keep_prompt_order_within_the_concurrency(tmp_path: Path) -> Non
 
     prompts = [f"notes {i}" for i in range(20)]
     with ChatServer(slow_echo) as server:
-        replies = client(server.base_url, concurrency=4).rewrite(prompts)
+        replies = texts(client(server.base_url, concurrency=4), prompts)
     assert replies == [f"caption of notes {i}" for i in range(20)]
     assert server.count == 20 and 1 < server.max_in_flight <= 4
     assert server.requests[0]["messages"][0] == {"role": "system", "content": SYSTEM}
@@ -122,7 +134,7 @@ def test_429_retry_after_is_waited_out() -> None:
     fault = Fault(status=429, headers={"Retry-After": "1"})
     with ChatServer(echo, fault=first_requests(1, fault)) as server:
         started = time.perf_counter()
-        replies = client(server.base_url).rewrite(["notes"])
+        replies = texts(client(server.base_url), ["notes"])
         elapsed = time.perf_counter() - started
     assert replies == ["caption of notes"]
     assert elapsed >= 1.0 and server.count == 2
@@ -130,18 +142,15 @@ def test_429_retry_after_is_waited_out() -> None:
 
 def test_server_error_is_retried() -> None:
     with ChatServer(echo, fault=first_requests(1, Fault(status=500))) as server:
-        rewriter = client(server.base_url, retries=1)
-        assert rewriter.rewrite(["notes"]) == ["caption of notes"]
-    assert server.count == 2 and rewriter.last_errors == {}
+        [reply] = client(server.base_url, retries=1).rewrite([ask("notes")])
+    assert reply.text == "caption of notes" and reply.error is None
+    assert server.count == 2
 
 
 def test_timeout_without_retries_gives_none() -> None:
     with ChatServer(echo, fault=lambda number, body: Fault(sleep_s=2.0)) as server:
-        rewriter = client(server.base_url, timeout_s=0.3, retries=0)
-        started = time.perf_counter()
-        assert rewriter.rewrite(["notes"]) == [None]
-        assert time.perf_counter() - started < 1.5
-    assert "no answer within" in rewriter.last_errors[0]
+        [reply] = client(server.base_url, timeout_s=0.3, retries=0).rewrite([ask("notes")])
+    assert (reply.text, reply.error) == (None, TIMEOUT)
 
 
 def test_client_errors_and_empty_replies_are_final() -> None:
@@ -153,17 +162,20 @@ def test_client_errors_and_empty_replies_are_final() -> None:
         }.get(content)
 
     with ChatServer(echo, fault=fault) as server:
-        rewriter = client(server.base_url, retries=3)
-        assert rewriter.rewrite(["bad", "fine", "empty"]) == [None, "caption of fine", None]
+        replies = client(server.base_url, retries=3).rewrite(
+            [ask(p) for p in ("bad", "fine", "empty")]
+        )
+    assert [reply.text for reply in replies] == [None, "caption of fine", None]
     assert server.count == 3  # nothing retried
-    assert "HTTP 400" in rewriter.last_errors[0] and "no choices" in rewriter.last_errors[2]
+    assert [reply.error for reply in replies] == [HTTP_ERROR, None, BAD_SHAPE]
+    assert "HTTP 400" in replies[0].detail
 
 
 def test_server_with_the_tiny_model_answers_like_the_model_itself(tiny_model: Path) -> None:
-    direct = tiny_rewriter(tiny_model).rewrite(PROMPTS)
+    direct = texts(tiny_rewriter(tiny_model), PROMPTS)
     with ChatServer(model_dir=tiny_model, max_new_tokens=12, batch_size=4) as server:
         rewriter = client(server.base_url, concurrency=5)
-        served = rewriter.rewrite(PROMPTS)
+        served = texts(rewriter, PROMPTS)
     assert served == direct
     assert max(server.batch_sizes) <= 4 and sum(server.batch_sizes) == 5
     assert rewriter.generated_tokens > 0
@@ -195,7 +207,7 @@ def test_load_rewriter_builds_each_backend(tiny_model: Path, tmp_path: Path) -> 
             caption={"model_path": str(tiny_model), "temperature": 0, "max_new_tokens": 4},
         )
     )
-    assert isinstance(local, TransformersRewriter) and len(local.rewrite(["notes"])) == 1
+    assert isinstance(local, TransformersRewriter) and len(local.rewrite([ask("notes")])) == 1
     remote = load_rewriter(
         Settings(
             home=tmp_path,

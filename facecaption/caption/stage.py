@@ -3,15 +3,27 @@ natural caption through an LLM rewrite that must pass the fidelity check (`capti
 
 For every face: raw text = the grammar's sentences for its labels (seeded by the settings'
 seed and the face id, so the same face always gets the same text). The LLM gets the prompt
-template filled with the raw text. A reply that drops a valid attribute or states a
-contradiction (see `facecaption.caption.fidelity`) is asked for once more; if it fails again, or the
-backend gave no reply, the caption is the raw text. Each row records what happened:
+template filled with the raw text. A reply longer than `max_caption_words` words or
+`max_caption_chars` characters is cut there (at a word boundary) before anything else looks at
+it, and flagged `reply_truncated`. A reply that drops a valid attribute or states a
+contradiction (see `facecaption.caption.fidelity`) is asked for once more, and the retry is
+a different request: the conversation carries the first reply and `retry_prompt` saying what
+it left out or contradicted, and the seed is the settings' plus one (an identical request to
+a greedy model would only get the identical answer). If the retry fails too, the caption is
+the raw text. A face whose request got no usable reply (see the reasons in
+`facecaption.caption.rewriters`: timeout, http_error, not_json, bad_shape, empty_reply, ...)
+falls back to the raw text at once, with its reason; it is not asked again (the server
+backend already retried what a retry can fix). Each row records what happened:
 
   fidelity = "pass" (first reply), "retry_pass" (second reply), "fallback" (raw text used
-  after two failures or no reply), "template" (the template backend: no LLM asked)
+  after two failures or no usable reply), "template" (the template backend: no LLM asked)
+  rewrite_error = why the last reply was not usable (then fidelity is "fallback"), or
+  "reply_truncated" (the reply was cut to the caption cap); null otherwise
 
-Text statistics (words and distinct 4-grams, for raw text and for accepted LLM captions) go
-into the stage's counts; `facecaption text-stats` computes them over all shards.
+A bad reply changes its face's row only: the stage finishes. Text statistics (words and
+distinct 4-grams, for raw text and for accepted LLM captions) go into the stage's counts,
+with one `rewrite_<reason>` count per reason; `facecaption text-stats` computes them over all
+shards.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from typing import Any
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
 from facecaption.caption.fidelity import check_caption
 from facecaption.caption.grammar import Grammar
+from facecaption.caption.rewriters import Conversation, Rewriter, ask, load_rewriter
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, CAPTIONS_PARQUET, CAPTIONS_SCHEMA
 from facecaption.core.stage import StageContext, StageResult, upstream_checksums
 from facecaption.core.writers import write_parquet
@@ -33,6 +46,7 @@ from facecaption.state import Shard, ShardState
 
 PROMPTS_PER_CALL = 256  # faces handed to the rewriter at once (it batches further inside)
 NGRAM = 4
+REPLY_TRUNCATED = "reply_truncated"  # rewrite_error of a reply cut to the caption cap
 
 
 def words(text: str) -> list[str]:
@@ -62,7 +76,7 @@ def grammar_for(settings: CaptionSettings) -> Grammar:
 
 class CaptionStage:
     name = "caption"
-    version = "1"
+    version = "2"  # 2: rewrite_error, caption caps, the retry asks differently
     artifact_names = (CAPTIONS_PARQUET,)
 
     def fingerprint_inputs(
@@ -82,8 +96,6 @@ class CaptionStage:
         faces = [face for face in attributes.to_pylist() if face["kept"]]
         rewriter = None
         if limits.backend != "template" and faces:
-            from facecaption.caption.rewriters import load_rewriter
-
             rewriter = load_rewriter(context.settings)
         rows: list[dict[str, Any]] = []
         for start in range(0, len(faces), PROMPTS_PER_CALL):
@@ -95,12 +107,14 @@ class CaptionStage:
             write_parquet(rows, CAPTIONS_SCHEMA, tmp)
             ref = store.describe(path, tmp)
         fidelity = Counter(row["fidelity"] for row in rows)
+        rewrite_errors = Counter(row["rewrite_error"] for row in rows if row["rewrite_error"])
         raw = text_stats(row["raw_text"] for row in rows)
         llm = text_stats(row["caption"] for row in rows if row["caption_source"] == "llm")
         return StageResult(
             counts={
                 "faces": len(rows),
                 **{f"fidelity_{outcome}": n for outcome, n in sorted(fidelity.items())},
+                **{f"rewrite_{reason}": n for reason, n in sorted(rewrite_errors.items())},
                 "raw_words": raw["words"],
                 "raw_unique_4grams": raw["unique_4grams"],
                 "llm_captions": llm["captions"],
@@ -111,9 +125,42 @@ class CaptionStage:
         )
 
 
+def cap_caption(text: str, max_words: int, max_chars: int) -> tuple[str, bool]:
+    """`text` cut to at most `max_words` words and `max_chars` characters (at a word boundary
+    when there is one), and whether it was cut."""
+    tokens = text.split(maxsplit=max_words)
+    if len(tokens) <= max_words and len(text) <= max_chars:
+        return text, False
+    capped = " ".join(tokens[:max_words])
+    if len(capped) > max_chars:
+        cut = capped[: max_chars + 1]
+        capped = cut.rsplit(" ", 1)[0] if " " in cut else cut[:max_chars]
+    return capped, True
+
+
+def retry_request(
+    conversation: Conversation, reply: str, missing: list[str], contradicted: list[str],
+    limits: CaptionSettings,
+) -> Conversation:  # fmt: skip
+    """The conversation asked again: the reply that failed, then what was wrong with it."""
+    problems = []
+    if missing:
+        problems.append("it leaves out " + ", ".join(_phrase(label) for label in missing))
+    if contradicted:
+        problems.append("it contradicts them on " + ", ".join(_phrase(x) for x in contradicted))
+    feedback = limits.retry_prompt.format(problems="; ".join(problems) or "it does not fit")
+    return [*conversation, {"role": "assistant", "content": reply}, *ask(feedback)]
+
+
+def _phrase(label: str) -> str:
+    """A CelebA label in words ("Wearing_Hat" -> "wearing hat"; "Loser<Winner" -> "loser")."""
+    return label.split("<", 1)[0].replace("_", " ").lower()
+
+
 def caption_faces(
-    faces: list[dict[str, Any]], grammar: Grammar, limits: CaptionSettings, rewriter: Any
-) -> list[dict[str, Any]]:
+    faces: list[dict[str, Any]], grammar: Grammar, limits: CaptionSettings,
+    rewriter: Rewriter | None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Caption rows for attribute rows, asking the rewriter at most twice per face."""
     raw = [
         grammar.raw_text(
@@ -132,31 +179,44 @@ def caption_faces(
             "contradicted": [],
             "model_id": "template" if rewriter is None else rewriter.model_id,
             "prompt_version": limits.prompt_version,
+            "rewrite_error": None,
         }
         for face, text in zip(faces, raw, strict=True)
     ]
+    conversations = [ask(limits.prompt_template.format(raw_text=text)) for text in raw]
     pending = list(range(len(faces))) if rewriter is not None else []
-    for outcome in ("pass", "retry_pass"):
+    for attempt, outcome in enumerate(("pass", "retry_pass")):
         if not pending:
             break
-        replies = rewriter.rewrite(
-            [limits.prompt_template.format(raw_text=raw[i]) for i in pending]
-        )
+        replies = rewriter.rewrite([conversations[i] for i in pending], attempt=attempt)
         failed = []
         for index, reply in zip(pending, replies, strict=True):
-            face = faces[index]
+            row, face = rows[index], faces[index]
+            if reply.text is None:
+                row["rewrite_error"] = reply.error
+                continue
+            text, truncated = cap_caption(
+                reply.text, limits.max_caption_words, limits.max_caption_chars
+            )
             probabilities = {name: face[f"p_{name}"] for name in CELEBA_ATTRIBUTES}
             result = check_caption(
-                reply or "",
+                text,
                 face["valid_labels"],
                 probabilities,
                 absent_below=limits.absent_below,
                 exclude=limits.exclude_labels,
             )
-            rows[index].update(missing=list(result.missing), contradicted=list(result.contradicted))
-            if reply and result.passed:
-                rows[index].update(caption=reply.strip(), caption_source="llm", fidelity=outcome)
+            row.update(
+                missing=list(result.missing),
+                contradicted=list(result.contradicted),
+                rewrite_error=REPLY_TRUNCATED if truncated else None,
+            )
+            if result.passed:
+                row.update(caption=text, caption_source="llm", fidelity=outcome)
             else:
+                conversations[index] = retry_request(
+                    conversations[index], text, row["missing"], row["contradicted"], limits
+                )
                 failed.append(index)
         pending = failed
     for row in rows:

@@ -113,6 +113,8 @@ CAPTIONS_SCHEMA = pa.schema(
         ("model_id", pa.string()),
         ("prompt_version", pa.string()),
         ("word_count", pa.int32()),
+        # why the LLM's last reply was not used, or "reply_truncated"; never a URL or detail
+        ("rewrite_error", pa.string()),
     ]
 )
 

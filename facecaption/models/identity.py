@@ -2,18 +2,30 @@
 stage fingerprints (so a changed model makes outputs stale) and by the backends for the
 `*_model_id` / `detector_id` they write into rows (so outputs say what made them).
 
-A file's identity is its name and the sha256 of its bytes, hashed once per process while the
-file's size and mtime stay the same (thousands of shard fingerprints name the same model).
+A file's identity is its name and the sha256 of its bytes. Hashing multi-GB LLM weights for
+each of thousands of shard tasks (each its own process) would cost more than the work, so a
+digest is computed once per file version (resolved path, size, mtime) and kept: in memory for
+the process, and on disk in `.facecaption-digests.json` beside the model file, or, where that
+folder is read-only, in `$XDG_CACHE_HOME/facecaption/model-digests.json`. The cache is only an
+optimisation: unreadable, it is ignored; unwritable, the digest is recomputed next time.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
+import re
+import tempfile
 from pathlib import Path
 
 from facecaption.core.store import sha256_file
 from facecaption.settings import Settings
+
+DIGEST_CACHE_NAME = ".facecaption-digests.json"
+DIGEST_CACHE_MAX_ENTRIES = 4096  # bounds the file; the oldest entries go first
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # Files that change what a transformers LLM writes: weights, architecture, tokenizer, chat
 # template, generation defaults.
@@ -28,14 +40,67 @@ LLM_IDENTITY_PATTERNS = (
 
 
 def model_file_sha256(path: Path) -> str:
-    """sha256 of a model file, memoised per process by path, size and mtime."""
+    """sha256 of a model file, computed once per version (path, size, mtime) and kept."""
     stat = path.stat()
     return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
 def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
+    key = f"{path}|{size}|{mtime_ns}"
+    caches = [Path(path).parent / DIGEST_CACHE_NAME, user_digest_cache()]
+    for cache in caches:
+        known = read_digests(cache).get(key)
+        if known:
+            return known
+    digest = sha256_file(Path(path))
+    for cache in caches:
+        if write_digest(cache, key, digest):
+            break
+    return digest
+
+
+def user_digest_cache() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "facecaption" / "model-digests.json"
+
+
+def read_digests(cache: Path) -> dict[str, str]:
+    """The digests a cache file holds; {} when it is missing or not ours to trust."""
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {
+        key: value
+        for key, value in entries.items()
+        if isinstance(value, str) and _SHA256_HEX.match(value)
+    }
+
+
+def write_digest(cache: Path, key: str, digest: str) -> bool:
+    """Add one digest to a cache file (written whole, renamed into place); False where the
+    folder is not writable."""
+    entries = read_digests(cache)
+    entries.pop(key, None)
+    entries[key] = digest
+    kept = dict(list(entries.items())[-DIGEST_CACHE_MAX_ENTRIES:])
+    written = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=cache.parent, prefix=f"{cache.name}.", suffix=".tmp", delete=False
+        ) as tmp:
+            written = Path(tmp.name)
+            json.dump(kept, tmp, indent=0)
+        os.replace(written, cache)
+    except OSError:
+        if written is not None:
+            written.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def file_identity(path: Path) -> str:

@@ -8,8 +8,10 @@ server's own `max_new_tokens` applies and the requests' sampling fields are igno
 
 Faults for tests: `fault(n, body)` is asked about the n-th request (1-based) and may return a
 `Fault`: sleep first (past a client's timeout, say), then answer an error status with headers
-such as Retry-After, or a body of its own (one with no choices, say). It counts requests and
-the most in flight at once, and keeps each body.
+such as Retry-After, or a body of its own: a JSON value (one with no choices, say) or raw
+bytes (an HTML page, invalid UTF-8, 30 MB), trickled a piece at a time or sent chunked, or a
+whole raw HTTP answer written to the socket as is (a broken status line, garbage chunking). It
+counts requests and the most in flight at once, and keeps each body.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ class Fault:
     sleep_s: float = 0.0  # before answering
     status: int | None = None  # None: answer normally after the sleep (or `body`, with 200)
     headers: dict[str, str] | None = None  # e.g. {"Retry-After": "1"}
-    body: dict | None = None  # answered instead of an error or a completion
+    body: object = None  # a JSON value answered instead of an error or a completion
+    raw: bytes | None = None  # bytes answered as the body instead (not JSON-encoded)
+    content_type: str = "application/json"  # of `raw`
+    piece_bytes: int = 0  # send the body in pieces of this size ...
+    piece_sleep_s: float = 0.0  # ... this far apart (a trickle)
+    chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
+    wire: bytes | None = None  # a whole HTTP answer written as is; the connection then closes
 
 
 FaultHook = Callable[[int, dict], Fault | None]
@@ -208,10 +216,16 @@ class ChatServer(LoopbackServer):
                 fault = server.fault(number, body) if server.fault else None
                 if fault is not None:
                     time.sleep(fault.sleep_s)
-                    if fault.status is not None or fault.body is not None:
-                        status = fault.status or 200
-                        error = {"error": {"message": f"scripted fault {status}"}}
-                        return self._json(status, fault.body or error, fault.headers)
+                    if fault.wire is not None:
+                        self.close_connection = True
+                        return self._write(fault.wire)
+                    if fault.raw is not None or fault.body is not None:
+                        data = fault.raw if fault.raw is not None else json.dumps(fault.body)
+                        data = data if isinstance(data, bytes) else data.encode()
+                        return self._send(fault.status or 200, data, fault)
+                    if fault.status is not None:
+                        error = {"error": {"message": f"scripted fault {fault.status}"}}
+                        return self._json(fault.status, error, fault.headers)
                 try:
                     text, tokens = server.answer(messages)
                 except Exception as error:  # the client sees a 500, as from a real server
@@ -233,6 +247,38 @@ class ChatServer(LoopbackServer):
                         "usage": {"completion_tokens": tokens},
                     },
                 )
+
+            def _send(self, status: int, data: bytes, fault: Fault) -> None:
+                """A scripted body: whole, trickled in pieces, and/or chunked."""
+                self.send_response(status)
+                self.send_header("Content-Type", fault.content_type)
+                for name, value in (fault.headers or {}).items():
+                    self.send_header(name, value)
+                if fault.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                piece = fault.piece_bytes or max(len(data), 1)
+                for start in range(0, len(data), piece):
+                    chunk = data[start : start + piece]
+                    if fault.chunked:
+                        chunk = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+                    if not self._write(chunk):
+                        return
+                    time.sleep(fault.piece_sleep_s)
+                if fault.chunked:
+                    self._write(b"0\r\n\r\n")
+
+            def _write(self, data: bytes) -> bool:
+                """Write and flush; False once the client has hung up (a cap, a deadline)."""
+                try:
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    return False
+                return True
 
             def _json(
                 self, status: int, payload: dict, headers: dict[str, str] | None = None

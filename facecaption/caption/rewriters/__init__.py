@@ -1,11 +1,16 @@
 """LLM rewrite backends: one small interface, an in-process and a server backend.
 
-A `Rewriter` turns user prompts (the caption prompt template already filled in) into one reply
-each; it owns the system prompt and the chat format. `load_rewriter` picks the backend the
-caption settings name:
+A `Rewriter` turns conversations (the user's turns, and the model's earlier replies when a
+face is asked again) into one `Reply` each; it owns the system prompt and the chat format.
+`load_rewriter` picks the backend the caption settings name:
 
   transformers  a Hugging Face chat model folder, run in this process (CUDA when available)
   openai        any OpenAI-compatible `/v1/chat/completions` server (vLLM, TGI, llama.cpp, ...)
+
+A reply is the model's: a face whose request fails or whose answer is not a usable reply gets
+`Reply(None, reason)` with one of the typed reasons below (recorded per face in
+captions.parquet as `rewrite_error`); the backend never raises for it. The program's own
+faults (a bad URL scheme in the settings, a model that will not load) still raise.
 
 Nothing is downloaded here: the transformers backend reads a local folder only.
 """
@@ -13,19 +18,48 @@ Nothing is downloaded here: the transformers backend reads a local folder only.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 from facecaption.core.errors import SettingsError
-from facecaption.models.identity import served_llm_identity, transformers_llm_identity
+from facecaption.models.identity import caption_identity
 from facecaption.models.locate import llm_folder
 from facecaption.settings import Settings
 
+# Why a face got no usable reply. Request faults (after the server backend's retries) ...
+TIMEOUT = "timeout"  # no whole reply within the deadline
+CONNECTION_ERROR = "connection_error"  # refused, reset, or the body ended short
+BAD_HTTP = "bad_http"  # not a well-formed HTTP answer (status line, headers, chunking)
+HTTP_ERROR = "http_error"  # a 4xx/5xx answer, or a redirect (never followed)
+# ... and replies that are not an OpenAI chat completion we can use.
+REPLY_TOO_LARGE = "reply_too_large"  # over caption.max_reply_bytes: reading stopped there
+NOT_UTF8 = "not_utf8"  # bytes (or \u escapes) that are not UTF-8 text
+NOT_JSON = "not_json"  # e.g. an HTML error page served with 200
+BAD_SHAPE = "bad_shape"  # JSON, but not {"choices": [{"message": {"content": str}}], ...}
+EMPTY_REPLY = "empty_reply"  # content with no text in it
+
+Conversation = list[dict[str, str]]  # {"role": "user"|"assistant", "content": ...} turns
+
+
+def ask(prompt: str) -> Conversation:
+    """A conversation of one user turn."""
+    return [{"role": "user", "content": prompt}]
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str | None  # the model's reply, stripped; None when there is none to use
+    error: str | None = None  # one of the reasons above when text is None
+    detail: str | None = None  # for logs: what exactly went wrong (never in an artifact)
+    completion_tokens: int = 0
+
 
 class Rewriter(Protocol):
-    model_id: str  # what produced the replies (`facecaption.models.identity`)
+    model_id: str  # what produced the replies (`facecaption.models.identity.caption_identity`)
 
-    def rewrite(self, prompts: list[str]) -> list[str | None]:
-        """One reply per prompt, in order; None where that prompt's request finally failed."""
+    def rewrite(self, conversations: list[Conversation], *, attempt: int = 0) -> list[Reply]:
+        """One reply per conversation, in order. `attempt` (0 first, 1 for a retry) is added
+        to the seed, so a retry samples differently as well as asking differently."""
         ...
 
 
@@ -34,10 +68,9 @@ def load_rewriter(settings: Settings) -> Rewriter:
     if caption.backend == "transformers":
         from facecaption.caption.rewriters.in_process import TransformersRewriter
 
-        folder = llm_folder(settings)
         return TransformersRewriter(
-            folder,
-            model_id=transformers_llm_identity(folder),
+            llm_folder(settings),
+            model_id=caption_identity(settings),
             system_prompt=caption.system_prompt,
             max_new_tokens=caption.max_new_tokens,
             temperature=caption.temperature,
@@ -53,11 +86,10 @@ def load_rewriter(settings: Settings) -> Rewriter:
             )
         from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 
-        served = caption.server_model or caption.model
         return OpenAIRewriter(
             caption.base_url,
-            served,
-            model_id=served_llm_identity(served),
+            caption.server_model or caption.model,
+            model_id=caption_identity(settings),
             api_key=os.environ.get(caption.api_key_env),
             system_prompt=caption.system_prompt,
             max_new_tokens=caption.max_new_tokens,
@@ -67,5 +99,6 @@ def load_rewriter(settings: Settings) -> Rewriter:
             concurrency=caption.concurrency,
             timeout_s=caption.timeout_s,
             retries=caption.retries,
+            max_reply_bytes=caption.max_reply_bytes,
         )
     raise SettingsError(f"caption.backend = {caption.backend!r} uses no LLM")

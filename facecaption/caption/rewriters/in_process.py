@@ -3,8 +3,10 @@
 Reads the folder only (`local_files_only`), runs on CUDA in bfloat16 (float16 where bf16 is
 unsupported) when a GPU is there, else float32 on CPU. Prompts are padded on the left so every
 row of a batch ends where generation starts; with greedy decoding a prompt's reply does not
-depend on the batch it lands in. Sampling is seeded at each `rewrite` call, on a forked RNG so
-the process's own random state is left alone.
+depend on the batch it lands in. Sampling is seeded at each `rewrite` call (the settings' seed
+plus the attempt), on a forked RNG so the process's own random state is left alone. A reply
+with no text is `Reply(None, EMPTY_REPLY)`; the caption stage caps the length of the others,
+as for the server backend.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from facecaption.caption.rewriters import EMPTY_REPLY, Conversation, Reply, ask
 from facecaption.models.identity import transformers_llm_identity
 
 
@@ -77,11 +80,10 @@ class TransformersRewriter:
             config.temperature = config.top_p = config.top_k = None
         return config
 
-    def messages(self, prompt: str) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": prompt},
-        ]
+    def messages(self, conversation: Conversation | str) -> list[dict[str, str]]:
+        """The system prompt, then the conversation (a lone prompt is one user turn)."""
+        turns = ask(conversation) if isinstance(conversation, str) else conversation
+        return [{"role": "system", "content": self.system_prompt}, *turns]
 
     def chat_text(self, messages: list[dict[str, str]]) -> str:
         """The text the model sees for a conversation, ending where its reply starts."""
@@ -89,16 +91,23 @@ class TransformersRewriter:
             messages, add_generation_prompt=True, tokenize=False
         )
 
-    def rewrite(self, prompts: list[str]) -> list[str | None]:
-        return list(self.complete([self.messages(prompt) for prompt in prompts]))
+    def rewrite(self, conversations: list[Conversation], *, attempt: int = 0) -> list[Reply]:
+        texts = self.complete([self.messages(c) for c in conversations], seed=self.seed + attempt)
+        return [
+            Reply(text, completion_tokens=tokens) if text else Reply(None, EMPTY_REPLY)
+            for text, tokens in zip(texts, self.last_token_counts, strict=True)
+        ]
 
-    def complete(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        """The model's reply to each conversation, `batch_size` of them per `generate`."""
+    def complete(
+        self, conversations: list[list[dict[str, str]]], *, seed: int | None = None
+    ) -> list[str]:
+        """The model's reply to each conversation (system prompt included), `batch_size` of
+        them per `generate`, sampling seeded with `seed` (default: the rewriter's)."""
         replies: list[str] = []
         self.last_token_counts = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed if seed is None else seed)
             for start in range(0, len(conversations), self.batch_size):
                 replies += self._generate(conversations[start : start + self.batch_size])
         self.generated_tokens += sum(self.last_token_counts)

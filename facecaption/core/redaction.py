@@ -1,0 +1,49 @@
+"""Keeping credentials out of what we print and write: URL userinfo, passwords, API keys.
+
+`redact_url` masks a URL's userinfo (`user:***@` when there is a password, `***@` when the
+user part alone may be a token); `redact_text` does the same for every URL inside free text
+(error messages); `redacted_settings` is the settings as `facecaption config` prints them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+MASK = "***"
+# scheme://userinfo@ ... ; userinfo stops at the first '/', whitespace or '@' after it
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@]+)@")
+# settings whose value is itself a secret (not the name of the variable holding one)
+_SECRET_KEY = re.compile(r"(?:^|_)(?:password|passwd|secret|api_key|access_key|secret_key)$")
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, has_password, _ = match["userinfo"].partition(":")
+    masked = f"{user}:{MASK}" if has_password else MASK
+    return f"{match['scheme']}{masked}@"
+
+
+def redact_text(text: str) -> str:
+    """`text` with the userinfo of every URL in it masked."""
+    return _URL_USERINFO.sub(_mask_userinfo, text)
+
+
+def redact_url(url: str) -> str:
+    return redact_text(url)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """A settings value fit to print: secrets by name masked, URLs' userinfo masked, nested
+    sections and lists walked."""
+    if isinstance(value, dict):
+        return {k: redact_value(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(key, v) for v in value]
+    if isinstance(value, str):
+        return MASK if value and _SECRET_KEY.search(key.lower()) else redact_text(value)
+    return value
+
+
+def redacted_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """A settings dump (`Settings.model_dump(mode="json")`) with every credential masked."""
+    return {key: redact_value(key, value) for key, value in values.items()}
