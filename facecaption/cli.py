@@ -8,7 +8,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from facecaption.core.redaction import redacted_settings
 from facecaption.settings import Settings
 
 
@@ -399,8 +401,20 @@ def _text_stats(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(json.dumps(Settings().model_dump(mode="json"), indent=2))
+    print(json.dumps(effective_config(Settings()), indent=2))
     return 0
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as `config` prints them: the places actually used in place of unset
+    defaults (nothing is started to find them), every credential masked."""
+    values = settings.model_dump(mode="json")
+    values["db_url"] = settings.db_url or (
+        f"embedded Postgres in {settings.home_dir / 'pgdata'} (started on first use)"
+    )
+    values["store_root"] = settings.artifact_root
+    values["models_dir"] = str(settings.model_cache_dir)
+    return redacted_settings(values)
 
 
 def _demo(args: argparse.Namespace) -> int:

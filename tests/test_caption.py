@@ -24,6 +24,10 @@ from facecaption.settings import CaptionSettings, DetectSettings
 
 @pytest.fixture
 def attributed_shard(tmp_path, settings):
+    return build_attributed_shard(tmp_path, settings)
+
+
+def build_attributed_shard(tmp_path, settings):
     """A shard through fetch, detect (known faces) and attribute; returns (settings, id)."""
     second = {
         **DET_FACE,

@@ -88,6 +88,7 @@ class ChatServer(LoopbackServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests: list[dict] = []
+        self.authorizations: list[str] = []  # each request's Authorization header
         self.batch_sizes: list[int] = []  # with a model: conversations per generate
         self._lock = threading.Lock()
         self._rewriter = None
@@ -174,10 +175,11 @@ class ChatServer(LoopbackServer):
                 pending.reply, pending.tokens = reply, tokens
                 pending.done.set()
 
-    def _enter(self, body: dict) -> int:
+    def _enter(self, body: dict, authorization: str) -> int:
         with self._lock:
             self.count += 1
             self.requests.append(body)
+            self.authorizations.append(authorization)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return self.count
@@ -206,7 +208,7 @@ class ChatServer(LoopbackServer):
                     messages = body["messages"]
                 except (ValueError, KeyError, TypeError):
                     return self._json(400, {"error": {"message": "expected JSON with messages"}})
-                number = server._enter(body)
+                number = server._enter(body, self.headers.get("Authorization", ""))
                 try:
                     self._complete(number, body, messages)
                 finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import facecaption
 from facecaption.core.pipeline import Pipeline
+from facecaption.core.redaction import redact_url
 from facecaption.core.status import format_status
 from facecaption.models.errors import ModelNotFoundError
 from facecaption.models.locate import attribute_model_file, detector_model_file
@@ -160,7 +161,7 @@ def run_demo(settings: Settings, shard_size: int = 8) -> int:
         report = f"{root_uri}/release/{REPORT_NAME}"
         if pipeline.store.exists(f"{pipeline.store.root}/release/{REPORT_NAME}"):
             print(f"report:    {report}")
-        print(f"state DB:  {db_url}")
+        print(f"state DB:  {redact_url(db_url)}")
         print("see also:  facecaption status, facecaption publish, facecaption report")
     unfinished = [
         f"{row.shard_id} {stage}"

@@ -28,8 +28,8 @@ from facecaption.settings import Settings
 
 # Why a face got no usable reply. Request faults (after the server backend's retries) ...
 TIMEOUT = "timeout"  # no whole reply within the deadline
-CONNECTION_ERROR = "connection_error"  # refused, reset, or the body ended short
-BAD_HTTP = "bad_http"  # not a well-formed HTTP answer (status line, headers, chunking)
+CONNECTION_ERROR = "connection_error"  # refused, reset, closed before answering
+BAD_HTTP = "bad_http"  # malformed HTTP: status line, headers, chunking, a body cut short
 HTTP_ERROR = "http_error"  # a 4xx/5xx answer, or a redirect (never followed)
 # ... and replies that are not an OpenAI chat completion we can use.
 REPLY_TOO_LARGE = "reply_too_large"  # over caption.max_reply_bytes: reading stopped there

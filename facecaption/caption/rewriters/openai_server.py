@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 from facecaption.caption.rewriters import (
     BAD_HTTP,
@@ -41,6 +42,7 @@ from facecaption.caption.rewriters import (
     Conversation,
     Reply,
 )
+from facecaption.core.errors import SettingsError
 from facecaption.core.redaction import redact_url
 from facecaption.models.identity import served_llm_identity
 
@@ -98,7 +100,14 @@ class OpenAIRewriter:
         retries: int,
         max_reply_bytes: int,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        url = yarl.URL(base_url)
+        if url.user is not None and api_key:
+            raise SettingsError(
+                "caption.base_url has credentials in it and an API key is set: give one"
+            )
+        # credentials in the URL become Basic auth; the URL itself is kept without them
+        self.auth = aiohttp.BasicAuth(url.user, url.password or "") if url.user else None
+        self.base_url = str(url.with_user(None)).rstrip("/")
         self.model = model
         self.api_key = api_key
         self.system_prompt = system_prompt
@@ -127,7 +136,7 @@ class OpenAIRewriter:
             headers["Authorization"] = f"Bearer {self.api_key}"
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(
-            connector=connector, headers=headers, auto_decompress=False
+            connector=connector, headers=headers, auth=self.auth, auto_decompress=False
         ) as session:
             replies = await asyncio.gather(
                 *(self._reply(session, slots, self.request_body(c, attempt)) for c in conversations)

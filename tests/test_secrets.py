@@ -1,0 +1,141 @@
+"""Credentials stay out of what we print and what we write: `facecaption config` masks them,
+and no artifact of a whole run (shard files, release, manifest, report) carries the LLM
+server's internal address, its credentials or the API key, even when the server echoes them
+back in its broken replies."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy.engine import make_url
+from support.chatserver import ChatServer, Fault
+from test_caption import build_attributed_shard
+
+from facecaption.cli import effective_config, main
+from facecaption.core.pipeline import Pipeline
+from facecaption.core.redaction import redact_text, redact_url
+from facecaption.release.publish import publish_release
+from facecaption.release.report import write_report
+from facecaption.settings import CaptionSettings, Settings
+
+SERVER_HOST = "127.0.0.9"  # the "internal" LLM server: an address no image URL uses
+URL_PASSWORD = "s3cr3t-in-url"
+API_KEY = "sk-s3cr3t-api-key"
+
+
+def test_redact_url_masks_userinfo_wherever_it_is():
+    assert redact_url("postgresql://fc:hunter2@db:5432/x") == "postgresql://fc:***@db:5432/x"
+    assert redact_url("https://ghp_token@github.com/a") == "https://***@github.com/a"
+    assert redact_url("postgresql://db/x") == "postgresql://db/x"
+    text = "cannot reach http://u:p@10.0.0.1/v1 nor s3://KEY:SECRET@bucket/x"
+    assert redact_text(text) == "cannot reach http://u:***@10.0.0.1/v1 nor s3://KEY:***@bucket/x"
+
+
+def test_config_prints_the_effective_places_and_no_secret(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FACECAPTION_HOME", str(tmp_path))
+    monkeypatch.setenv("FACECAPTION_DB_URL", "postgresql://fc:hunter2@db.internal:5432/fc")
+    monkeypatch.setenv("FACECAPTION_CAPTION__BASE_URL", f"http://llm:{URL_PASSWORD}@llm:8000/v1")
+    monkeypatch.setenv("FACECAPTION_REFRESH__SOURCES", '["s3://AKIA:wJalr@bucket/laion/"]')
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for secret in ("hunter2", URL_PASSWORD, "wJalr"):
+        assert secret not in out
+    shown = json.loads(out)
+    assert shown["db_url"] == "postgresql://fc:***@db.internal:5432/fc"
+    assert shown["caption"]["base_url"] == "http://llm:***@llm:8000/v1"
+    assert shown["store_root"] == str(tmp_path.resolve() / "artifacts")
+    assert shown["models_dir"] == str(tmp_path.resolve() / "models")
+    embedded = effective_config(Settings(home=tmp_path, db_url=None))["db_url"]
+    assert embedded.startswith("embedded Postgres in") and str(tmp_path.resolve()) in embedded
+
+
+@pytest.fixture
+def attributed_shard(tmp_path, settings):
+    return build_attributed_shard(tmp_path, settings)
+
+
+def _artifact_texts(root: Path) -> dict[str, str]:
+    """Every file under the store root as searchable text: parquet cells (all columns),
+    tar members, and the rest as bytes decoded leniently."""
+    texts = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            texts[str(path)] = json.dumps(pq.read_table(path).to_pylist(), default=str)
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                members = [tar.extractfile(m) for m in tar.getmembers() if m.isfile()]
+                texts[str(path)] = "".join(
+                    m.read().decode("utf-8", "replace") for m in members if m is not None
+                )
+        else:
+            texts[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    return texts
+
+
+@pytest.mark.parametrize("credentials", ["url", "api_key"])
+def test_no_artifact_carries_the_llm_server_address_or_credentials(
+    attributed_shard,
+    monkeypatch,
+    credentials,
+):
+    settings, shard_id = attributed_shard
+
+    def echo_back(number: int, body: dict) -> Fault | None:
+        """A server that answers its first requests with error pages repeating the request
+        it got (address, credentials), and the notes back for the rest."""
+        page = f"<h1>bad gateway</h1><p>{SERVER_HOST} {URL_PASSWORD} {API_KEY}</p>".encode()
+        return {
+            1: Fault(raw=page, content_type="text/html"),
+            2: Fault(status=500, raw=page),
+            3: Fault(body={"choices": f"{SERVER_HOST} {API_KEY}"}),
+        }.get(number)
+
+    def notes(messages: list[dict]) -> str:
+        return messages[1]["content"].split("Notes: ", 1)[1]
+
+    with ChatServer(notes, fault=echo_back, host=SERVER_HOST) as server:
+        base_url = server.base_url
+        if credentials == "url":
+            base_url = base_url.replace("http://", f"http://llm:{URL_PASSWORD}@")
+        else:
+            monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        caption = CaptionSettings(backend="openai", base_url=base_url, retries=0)
+        settings = settings.model_copy(update={"caption": caption})
+        with Pipeline.open(settings) as pipeline:
+            pipeline.run("caption", shard_id)
+            publish_release(pipeline)
+            write_report(pipeline)
+            rows = pq.read_table(pipeline.store.shard_path(shard_id, "captions.parquet"))
+    scheme = "Basic" if credentials == "url" else "Bearer"
+    assert {auth.split()[0] for auth in server.authorizations} == {scheme}
+    errors = rows.column("rewrite_error").to_pylist()
+    assert sorted(e for e in errors if e) == ["bad_shape", "http_error", "not_json"]
+    secrets = {SERVER_HOST, f":{server.port}", URL_PASSWORD, API_KEY}
+    db = make_url(settings.db_url)
+    secrets |= {db.database, *([db.password] if db.password else [])}
+    leaks = [
+        f"{path}: {secret}"
+        for path, text in _artifact_texts(Path(settings.artifact_root)).items()
+        for secret in secrets
+        if secret in text
+    ]
+    assert not leaks, "\n".join(leaks)
+
+
+def test_url_credentials_go_as_basic_auth_and_never_with_an_api_key():
+    from facecaption.caption.rewriters.openai_server import OpenAIRewriter
+    from facecaption.core.errors import SettingsError
+
+    options = dict(
+        system_prompt="s", max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0,
+        concurrency=1, timeout_s=1.0, retries=0, max_reply_bytes=1000,
+    )  # fmt: skip
+    rewriter = OpenAIRewriter("http://u:pw@127.0.0.1:1/v1", "m", api_key=None, **options)
+    assert rewriter.base_url == "http://127.0.0.1:1/v1"
+    assert (rewriter.auth.login, rewriter.auth.password) == ("u", "pw")
+    with pytest.raises(SettingsError, match="credentials"):
+        OpenAIRewriter("http://u:pw@127.0.0.1:1/v1", "m", api_key="k", **options)
