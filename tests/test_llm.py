@@ -3,6 +3,10 @@ against a loopback chat server with scripted replies, faults, or that model behi
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +18,10 @@ from facecaption.caption.rewriters import BAD_SHAPE, HTTP_ERROR, TIMEOUT, ask, l
 from facecaption.caption.rewriters.in_process import TransformersRewriter
 from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 from facecaption.models.errors import ModelNotFoundError
+from facecaption.models.identity import DIGEST_CACHE_NAME, caption_identity
 from facecaption.settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "You describe faces."
 PROMPTS = [
     "Notes: female, young, smiling.",
@@ -216,3 +222,44 @@ def test_load_rewriter_builds_each_backend(tiny_model: Path, tmp_path: Path) -> 
     )
     # the served model's name, never the server's (internal) URL
     assert remote.model_id == "openai:m"
+
+
+# -- identity ------------------------------------------------------------------------------
+
+
+def _identity_in_a_new_process(settings: Settings) -> str:
+    """caption_identity as a fresh worker process computes it (no in-memory digests)."""
+    code = (
+        "import sys; from facecaption.settings import Settings;"
+        "from facecaption.models.identity import caption_identity;"
+        "print(caption_identity(Settings.model_validate_json(sys.argv[1])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, settings.model_dump_json()],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_weights_are_hashed_once_per_version_across_processes(tmp_path: Path) -> None:
+    """A second process reads the weights' digest from the folder's digest cache instead of
+    hashing them again (shown by planting a different digest there: it is believed); a new
+    version of the file (mtime) is hashed again."""
+    folder = build_tiny_qwen2(tmp_path / "tiny-qwen2")
+    settings = Settings(home=tmp_path, caption={"model_path": str(folder)})
+    first = _identity_in_a_new_process(settings)
+    cache_file = folder / DIGEST_CACHE_NAME
+    digests = json.loads(cache_file.read_text())
+    [weights_key] = [key for key in digests if ".safetensors|" in key]
+    assert first == caption_identity(settings)
+    digests[weights_key] = "0" * 64
+    cache_file.write_text(json.dumps(digests))
+    assert _identity_in_a_new_process(settings) != first  # the planted digest was used
+    weights = Path(weights_key.split("|")[0])
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert _identity_in_a_new_process(settings) == first  # a new version: hashed again
+
+
+def test_rows_name_the_model_with_the_fingerprint_identity(tiny_model: Path, tmp_path: Path):
+    settings = Settings(home=tmp_path, caption={"model_path": str(tiny_model)})
+    assert load_rewriter(settings).model_id == caption_identity(settings)

@@ -136,6 +136,6 @@ def test_url_credentials_go_as_basic_auth_and_never_with_an_api_key():
     )  # fmt: skip
     rewriter = OpenAIRewriter("http://u:pw@127.0.0.1:1/v1", "m", api_key=None, **options)
     assert rewriter.base_url == "http://127.0.0.1:1/v1"
-    assert (rewriter.auth.login, rewriter.auth.password) == ("u", "pw")
+    assert rewriter.authorization == "Basic dTpwdw=="  # base64 of u:pw
     with pytest.raises(SettingsError, match="credentials"):
         OpenAIRewriter("http://u:pw@127.0.0.1:1/v1", "m", api_key="k", **options)

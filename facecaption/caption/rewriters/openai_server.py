@@ -21,6 +21,7 @@ reason).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -106,10 +107,12 @@ class OpenAIRewriter:
                 "caption.base_url has credentials in it and an API key is set: give one"
             )
         # credentials in the URL become Basic auth; the URL itself is kept without them
-        self.auth = aiohttp.BasicAuth(url.user, url.password or "") if url.user else None
+        self.authorization = f"Bearer {api_key}" if api_key else None
+        if url.user is not None:
+            pair = f"{url.user}:{url.password or ''}".encode()
+            self.authorization = f"Basic {base64.b64encode(pair).decode()}"
         self.base_url = str(url.with_user(None)).rstrip("/")
         self.model = model
-        self.api_key = api_key
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -132,11 +135,11 @@ class OpenAIRewriter:
         slots = asyncio.Semaphore(self.concurrency)
         # identity: a compressed reply would pass the byte cap before it is inflated
         headers = {"Accept-Encoding": "identity"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.authorization:
+            headers["Authorization"] = self.authorization
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(
-            connector=connector, headers=headers, auth=self.auth, auto_decompress=False
+            connector=connector, headers=headers, auto_decompress=False
         ) as session:
             replies = await asyncio.gather(
                 *(self._reply(session, slots, self.request_body(c, attempt)) for c in conversations)
