@@ -20,6 +20,7 @@ from support.tiny_llm import build_tiny_qwen2
 from test_caption import build_attributed_shard
 
 from facecaption.caption.grammar import Grammar
+from facecaption.caption.rewriters import TRANSIENT_ERRORS
 from facecaption.caption.stage import cap_caption
 from facecaption.core.pipeline import Pipeline
 from facecaption.settings import CaptionSettings
@@ -126,7 +127,10 @@ REPLY_FAULTS = {
     ),
     "closed-without-answer": (lambda notes: wire(b""), "connection_error"),
     "http-404": (lambda notes: Fault(status=404), "http_error"),
-    "http-503-every-time": (lambda notes: Fault(status=503), "http_error"),
+    "http-503-every-time": (lambda notes: Fault(status=503), "server_error"),
+    "http-429-every-time": (
+        lambda notes: Fault(status=429, headers={"Retry-After": "0"}), "server_error"
+    ),
     "redirect-302": (
         lambda notes: Fault(status=302, headers={"Location": "http://127.0.0.1:1/v1"}),
         "http_error",
@@ -190,7 +194,8 @@ def test_every_broken_reply_falls_back_with_its_reason_and_nothing_else_moves(fa
         got = (row["rewrite_error"], row["fidelity"], row["caption_source"], row["caption"])
         if got != (reason, "fallback", "template", row["raw_text"]):
             problems.append(f"target row {got[:3]}, caption {row['caption'][:40]!r}")
-        if state.counts.get(f"rewrite_{reason}") != 1:
+        transient = reason in TRANSIENT_ERRORS
+        if state.counts.get(f"rewrite_{reason}") != 1 or state.counts["retryable"] != transient:
             problems.append(f"counts {state.counts}")
         if [r for i, r in enumerate(rows) if i != target] != [
             r for i, r in enumerate(clean) if i != target
@@ -256,3 +261,26 @@ def test_in_process_replies_get_the_same_cap(faces, tmp_path):
     # noise fails the fidelity check: the caption is the grammar's, whatever its length
     assert all(row["caption"] == row["raw_text"] for row in rows)
     assert again.artifacts == outcome.artifacts
+
+
+def test_a_refresh_asks_again_for_faces_that_met_a_transient_fault(faces):
+    """A face whose server was down gets the grammar's text and counts as retryable; a plain
+    re-run keeps it, a refresh (retry_transient) asks again and captions it."""
+    settings, shard_id, notes = faces
+    down = {"target": notes[0]}
+
+    def hook(number: int, body: dict) -> Fault | None:
+        return Fault(status=503) if faithful(body["messages"]) == down["target"] else None
+
+    caption = CaptionSettings(backend="openai", server_model="echo", retries=0)
+    with ChatServer(faithful, fault=hook) as server:
+        caption = caption.model_copy(update={"base_url": server.base_url})
+        with Pipeline.open(settings.model_copy(update={"caption": caption})) as pipeline:
+            first = pipeline.run("caption", shard_id)
+            assert first.counts["retryable"] == 1 and first.counts["rewrite_server_error"] == 1
+            assert pipeline.run("caption", shard_id).status == "skipped"
+            down["target"] = None  # the server is back
+            again = pipeline.run("caption", shard_id, retry_transient=True)
+            rows = pq.read_table(again.artifacts["captions.parquet"]["uri"]).to_pylist()
+    assert again.status == "done" and again.counts["retryable"] == 0
+    assert all(row["fidelity"] == "pass" and row["rewrite_error"] is None for row in rows)

@@ -12,8 +12,10 @@ it left out or contradicted, and the seed is the settings' plus one (an identica
 a greedy model would only get the identical answer). If the retry fails too, the caption is
 the raw text. A face whose request got no usable reply (see the reasons in
 `facecaption.caption.rewriters`: timeout, http_error, not_json, bad_shape, empty_reply, ...)
-falls back to the raw text at once, with its reason; it is not asked again (the server
-backend already retried what a retry can fix). Each row records what happened:
+falls back to the raw text at once, with its reason; it is not asked again in this run (the
+server backend already retried what a retry can fix), and the transient reasons are counted
+as `retryable`, so a refresh (`run --retry-transient`) runs the stage again. Each row records
+what happened:
 
   fidelity = "pass" (first reply), "retry_pass" (second reply), "fallback" (raw text used
   after two failures or no usable reply), "template" (the template backend: no LLM asked)
@@ -36,7 +38,13 @@ from typing import Any
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
 from facecaption.caption.fidelity import check_caption
 from facecaption.caption.grammar import Grammar
-from facecaption.caption.rewriters import Conversation, Rewriter, ask, load_rewriter
+from facecaption.caption.rewriters import (
+    TRANSIENT_ERRORS,
+    Conversation,
+    Rewriter,
+    ask,
+    load_rewriter,
+)
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, CAPTIONS_PARQUET, CAPTIONS_SCHEMA
 from facecaption.core.stage import StageContext, StageResult, upstream_checksums
 from facecaption.core.writers import write_parquet
@@ -120,6 +128,8 @@ class CaptionStage:
                 "llm_captions": llm["captions"],
                 "llm_words": llm["words"],
                 "llm_unique_4grams": llm["unique_4grams"],
+                # faces a later run may caption (the runner re-runs a stage that has some)
+                "retryable": sum(rewrite_errors[reason] for reason in TRANSIENT_ERRORS),
             },
             artifacts={CAPTIONS_PARQUET: ref},
         )

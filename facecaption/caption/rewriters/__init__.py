@@ -30,13 +30,18 @@ from facecaption.settings import Settings
 TIMEOUT = "timeout"  # no whole reply within the deadline
 CONNECTION_ERROR = "connection_error"  # refused, reset, closed before answering
 BAD_HTTP = "bad_http"  # malformed HTTP: status line, headers, chunking, a body cut short
-HTTP_ERROR = "http_error"  # a 4xx/5xx answer, or a redirect (never followed)
+SERVER_ERROR = "server_error"  # 429 or 5xx on every attempt
+HTTP_ERROR = "http_error"  # any other answer but 200 (4xx, a redirect: never followed)
 # ... and replies that are not an OpenAI chat completion we can use.
 REPLY_TOO_LARGE = "reply_too_large"  # over caption.max_reply_bytes: reading stopped there
 NOT_UTF8 = "not_utf8"  # bytes (or \u escapes) that are not UTF-8 text
 NOT_JSON = "not_json"  # e.g. an HTML error page served with 200
 BAD_SHAPE = "bad_shape"  # JSON, but not {"choices": [{"message": {"content": str}}], ...}
 EMPTY_REPLY = "empty_reply"  # content with no text in it
+
+# The request faults a later run may not meet: the stage counts them as `retryable`, so a
+# refresh (`run --retry-transient`) runs the stage again.
+TRANSIENT_ERRORS = frozenset({TIMEOUT, CONNECTION_ERROR, BAD_HTTP, SERVER_ERROR})
 
 Conversation = list[dict[str, str]]  # {"role": "user"|"assistant", "content": ...} turns
 

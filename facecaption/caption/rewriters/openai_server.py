@@ -39,6 +39,7 @@ from facecaption.caption.rewriters import (
     NOT_JSON,
     NOT_UTF8,
     REPLY_TOO_LARGE,
+    SERVER_ERROR,
     TIMEOUT,
     Conversation,
     Reply,
@@ -190,7 +191,7 @@ class OpenAIRewriter:
                 async with session.post(url, json=body, allow_redirects=False) as response:
                     if response.status in RETRY_STATUSES:
                         raise RetryableError(
-                            HTTP_ERROR,
+                            SERVER_ERROR,
                             f"HTTP {response.status}",
                             _retry_after_s(response.headers.get("Retry-After")),
                         )
