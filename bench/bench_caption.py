@@ -31,6 +31,7 @@ from support.chatserver import ChatServer
 from support.tiny_llm import build_tiny_qwen2
 from transformers.utils import logging as transformers_logging
 
+from facecaption.caption.rewriters import EMPTY_REPLY, Conversation, Reply, ask
 from facecaption.caption.rewriters.in_process import TransformersRewriter
 from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 from facecaption.settings import CaptionSettings
@@ -63,12 +64,15 @@ def make_prompts(count: int, words: int = 40) -> list[str]:
     return prompts
 
 
-def timed(rewrite: Callable[[list[str]], list[str | None]], prompts: list[str]) -> float:
-    rewrite(prompts[:2])  # warm up: first-call allocations, connections, kernels
+def timed(rewrite: Callable[[list[Conversation]], list[Reply]], prompts: list[str]) -> float:
+    conversations = [ask(prompt) for prompt in prompts]
+    rewrite(conversations[:2])  # warm up: first-call allocations, connections, kernels
     started = time.perf_counter()
-    replies = rewrite(prompts)
+    replies = rewrite(conversations)
     elapsed = time.perf_counter() - started
-    assert sum(reply is not None for reply in replies) == len(prompts), "some prompts failed"
+    # random weights may say nothing (empty_reply); anything else is a failed request
+    failed = [reply.error for reply in replies if reply.error not in (None, EMPTY_REPLY)]
+    assert not failed, f"some prompts failed: {failed[:3]}"
     return elapsed
 
 
@@ -125,6 +129,7 @@ def bench_model(folder: Path, prompts: list[str], max_new_tokens: int) -> list[t
                 concurrency=concurrency,
                 timeout_s=600,
                 retries=0,
+                max_reply_bytes=settings.max_reply_bytes,
                 **options,
             )
             elapsed = timed(client.rewrite, prompts)
