@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps, TiffTags
+from PIL.PngImagePlugin import PngInfo
 from scrfd_model import build_scrfd_onnx
 from support.hostile_images import (
     EXIF_ORIENTATION,
@@ -60,6 +61,14 @@ class BadImage:
     faces: int = 1  # faces kept from it
     orientation: int = 1  # the orientation fetch and detect must both record
     tamper: bool = False  # replace its bytes in fetch.tar by a truncated copy after fetch
+
+
+def raw_profile(exif: bytes) -> PngInfo:
+    """ImageMagick's way of putting EXIF in a PNG: hex in a text chunk."""
+    info = PngInfo()
+    data = exif.removeprefix(b"Exif\x00\x00")
+    info.add_text("Raw profile type exif", f"\nexif\n{len(data):8}\n{data.hex()}\n")
+    return info
 
 
 def picture(index: int, orientation: int = 1) -> Image.Image:
@@ -199,6 +208,9 @@ def test_every_exif_orientation_puts_the_published_box_on_the_face(tmp_path, det
         # a mistyped tag beside a valid Orientation: the orientation is followed
         BadImage("mistyped-neighbour-tag.jpg", jpeg(13, mistyped, 6), orientation=6),
         BadImage("huge-exif-4mb.png", encode(picture(14, 6), "PNG", exif=huge), orientation=6),
+        BadImage("png-raw-profile-exif-6.png", encode(picture(15, 6), "PNG",
+                                                      pnginfo=raw_profile(orientation_exif(6))),
+                 orientation=6),
     ]  # fmt: skip
     run_battery(tmp_path, detect_settings, bad)
 
@@ -223,10 +235,16 @@ def test_exif_orientation_garbage_leaves_the_image_as_stored_and_is_counted(
         "exif-ifd-past-end.jpg": (ifd_past_end_exif(), unreadable),
         "exif-ifd-truncated.jpg": (truncated_ifd_exif(), unreadable),
     }
+    profile = PngInfo()
+    profile.add_text("Raw profile type exif", "\nexif\n      12\nnot hex at all\n")
     bad = []
     for index, (name, (exif, counts)) in enumerate(garbage.items()):
         assert parse_exif_orientation(exif).problem == next(k for k, v in counts.items() if v)
         bad.append(BadImage(name, jpeg(index, exif), counts, orientation=1))
+    bad.append(
+        BadImage("png-raw-profile-not-hex.png", encode(picture(20), "PNG", pnginfo=profile),
+                 unreadable, orientation=1)
+    )  # fmt: skip
     run_battery(tmp_path, detect_settings, bad)
 
 
