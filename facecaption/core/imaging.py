@@ -159,7 +159,10 @@ def check_image(body: bytes, max_pixels: int) -> ImageCheck:
         except PILLOW_INPUT_ERRORS as error:
             return ImageCheck("decode_error", f"bad header: {_describe(error)}")
         with image:
-            width, height = stored_size(image)
+            try:
+                width, height = stored_size(image)  # TIFF: parses its Orientation tag
+            except PILLOW_INPUT_ERRORS as error:
+                return ImageCheck("decode_error", f"bad header: {_describe(error)}")
             described = {
                 "format": image.format,
                 "width": width,
