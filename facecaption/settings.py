@@ -266,7 +266,9 @@ class Settings(BaseSettings):
         env_prefix="FACECAPTION_", env_nested_delimiter="__", extra="forbid"
     )
 
-    home: Path = Field(DEFAULT_HOME, description="working dir: embedded DB, demo, temp files")
+    home: Path = Field(
+        DEFAULT_HOME, description="working dir: embedded DB, demo, temp files, model digest cache"
+    )
     db_url: str | None = Field(
         None, description="state DB (Postgres) SQLAlchemy URL; unset: embedded Postgres in home"
     )

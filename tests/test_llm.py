@@ -18,7 +18,7 @@ from facecaption.caption.rewriters import BAD_SHAPE, HTTP_ERROR, TIMEOUT, ask, l
 from facecaption.caption.rewriters.in_process import TransformersRewriter
 from facecaption.caption.rewriters.openai_server import OpenAIRewriter
 from facecaption.models.errors import ModelNotFoundError
-from facecaption.models.identity import DIGEST_CACHE_NAME, caption_identity
+from facecaption.models.identity import caption_identity, digest_cache_file
 from facecaption.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,13 +242,13 @@ def _identity_in_a_new_process(settings: Settings) -> str:
 
 
 def test_weights_are_hashed_once_per_version_across_processes(tmp_path: Path) -> None:
-    """A second process reads the weights' digest from the folder's digest cache instead of
+    """A second process reads the weights' digest from the digest cache in `home` instead of
     hashing them again (shown by planting a different digest there: it is believed); a new
     version of the file (mtime) is hashed again."""
     folder = build_tiny_qwen2(tmp_path / "tiny-qwen2")
-    settings = Settings(home=tmp_path, caption={"model_path": str(folder)})
+    settings = Settings(home=tmp_path / "home", caption={"model_path": str(folder)})
     first = _identity_in_a_new_process(settings)
-    cache_file = folder / DIGEST_CACHE_NAME
+    cache_file = digest_cache_file(settings)
     digests = json.loads(cache_file.read_text())
     [weights_key] = [key for key in digests if ".safetensors|" in key]
     assert first == caption_identity(settings)

@@ -5,9 +5,9 @@ stage fingerprints (so a changed model makes outputs stale) and by the backends 
 A file's identity is its name and the sha256 of its bytes. Hashing multi-GB LLM weights for
 each of thousands of shard tasks (each its own process) would cost more than the work, so a
 digest is computed once per file version (resolved path, size, mtime) and kept: in memory for
-the process, and on disk in `.facecaption-digests.json` beside the model file, or, where that
-folder is read-only, in `$XDG_CACHE_HOME/facecaption/model-digests.json`. The cache is only an
-optimisation: unreadable, it is ignored; unwritable, the digest is recomputed next time.
+the process, and, where the settings are known, on disk in `{home}/cache/model-digests.json`
+(`digest_cache_file`), so the next process reads it instead. That file is only an
+optimisation: unreadable, it is ignored; unwritable, the digest is computed again next time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 from facecaption.core.store import sha256_file
 from facecaption.settings import Settings
 
-DIGEST_CACHE_NAME = ".facecaption-digests.json"
 DIGEST_CACHE_MAX_ENTRIES = 4096  # bounds the file; the oldest entries go first
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -39,30 +38,30 @@ LLM_IDENTITY_PATTERNS = (
 )
 
 
-def model_file_sha256(path: Path) -> str:
-    """sha256 of a model file, computed once per version (path, size, mtime) and kept."""
+def digest_cache_file(settings: Settings) -> Path:
+    """Where model digests are kept between processes."""
+    return settings.home_dir / "cache" / "model-digests.json"
+
+
+def model_file_sha256(path: Path, digest_cache: Path | None = None) -> str:
+    """sha256 of a model file, computed once per version (path, size, mtime) and kept: per
+    process, and in `digest_cache` when given."""
     stat = path.stat()
-    return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cache = str(digest_cache) if digest_cache is not None else None
+    return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns, cache)
 
 
 @functools.lru_cache(maxsize=256)
-def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+def _sha256_of_version(path: str, size: int, mtime_ns: int, digest_cache: str | None) -> str:
     key = f"{path}|{size}|{mtime_ns}"
-    caches = [Path(path).parent / DIGEST_CACHE_NAME, user_digest_cache()]
-    for cache in caches:
-        known = read_digests(cache).get(key)
+    if digest_cache is not None:
+        known = read_digests(Path(digest_cache)).get(key)
         if known:
             return known
     digest = sha256_file(Path(path))
-    for cache in caches:
-        if write_digest(cache, key, digest):
-            break
+    if digest_cache is not None:
+        write_digest(Path(digest_cache), key, digest)
     return digest
-
-
-def user_digest_cache() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "facecaption" / "model-digests.json"
 
 
 def read_digests(cache: Path) -> dict[str, str]:
@@ -103,9 +102,9 @@ def write_digest(cache: Path, key: str, digest: str) -> bool:
     return True
 
 
-def file_identity(path: Path) -> str:
+def file_identity(path: Path, digest_cache: Path | None = None) -> str:
     """`{file name}@sha256:{digest}`: an ONNX detector or classifier."""
-    return f"{path.name}@sha256:{model_file_sha256(path)}"
+    return f"{path.name}@sha256:{model_file_sha256(path, digest_cache)}"
 
 
 def cascade_identity() -> str:
@@ -122,29 +121,30 @@ def detector_identity(settings: Settings) -> str:
         return cascade_identity()
     from facecaption.models.locate import detector_model_file
 
-    return file_identity(detector_model_file(settings))
+    return file_identity(detector_model_file(settings), digest_cache_file(settings))
 
 
-def onnx_attribute_identity(model_file: Path) -> str:
+def onnx_attribute_identity(model_file: Path, digest_cache: Path | None = None) -> str:
     """The classifier file and its sidecar (the sidecar's preprocessing changes outputs)."""
     sidecar = model_file.with_suffix(".json")
-    return f"{file_identity(model_file)}+sidecar:{model_file_sha256(sidecar)[:16]}"
+    weights = file_identity(model_file, digest_cache)
+    return f"{weights}+sidecar:{model_file_sha256(sidecar, digest_cache)[:16]}"
 
 
 def attribute_identity(settings: Settings) -> str:
     from facecaption.models.locate import attribute_model_file
 
-    return onnx_attribute_identity(attribute_model_file(settings))
+    return onnx_attribute_identity(attribute_model_file(settings), digest_cache_file(settings))
 
 
-def transformers_llm_identity(folder: Path) -> str:
+def transformers_llm_identity(folder: Path, digest_cache: Path | None = None) -> str:
     """`{folder name}@sha256:{digest}` over the folder's config, tokenizer, chat template and
     weights files."""
     folder = Path(folder)
     files = sorted({path for pattern in LLM_IDENTITY_PATTERNS for path in folder.glob(pattern)})
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}\0{model_file_sha256(path)}\n".encode())
+        digest.update(f"{path.name}\0{model_file_sha256(path, digest_cache)}\n".encode())
     return f"{folder.name}@sha256:{digest.hexdigest()}"
 
 
@@ -166,4 +166,4 @@ def caption_identity(settings: Settings) -> str:
     folder = configured_llm_folder(settings)
     if not (folder / "config.json").is_file():
         return f"{folder.name}:missing"  # loading it will say what to do
-    return transformers_llm_identity(folder)
+    return transformers_llm_identity(folder, digest_cache_file(settings))

@@ -140,7 +140,10 @@ class OpenAIRewriter:
             headers["Authorization"] = self.authorization
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(
-            connector=connector, headers=headers, auto_decompress=False
+            connector=connector,
+            headers=headers,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),  # the one deadline is `_attempt`'s
         ) as session:
             replies = await asyncio.gather(
                 *(self._reply(session, slots, self.request_body(c, attempt)) for c in conversations)
