@@ -10,8 +10,8 @@ from typing import Any
 from airflow.sdk import Param, dag, task
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
-    check_map_length,
     max_shards_param,
+    planned_shard_ids,
     process_shards,
 )
 
@@ -92,14 +92,14 @@ def facecaption_build() -> None:
         source = params["source"]
         sources = [source] if isinstance(source, str) else list(source or [])
         with Pipeline.open() as pipeline:
-            shard_ids = pipeline.select_work(
+            selection = pipeline.select_work(
                 sources,
                 params["shard_ids"],
                 stages=params["stages"],
                 status=params["status"],
                 max_shards=params["max_shards"],
             )
-        return check_map_length(shard_ids)
+        return planned_shard_ids(selection, context["ti"])
 
     process_shards(
         plan(),

@@ -11,8 +11,8 @@ from typing import Any
 from airflow.sdk import dag, task
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
-    check_map_length,
     max_shards_param,
+    planned_shard_ids,
     process_shards,
 )
 
@@ -32,18 +32,14 @@ from facecaption.settings import Settings
 def facecaption_refresh() -> None:
     @task
     def find_work(**context: Any) -> list[str]:
-        from facecaption.core.pipeline import Pipeline, PlanError
+        from facecaption.core.pipeline import Pipeline, WorkSelection
 
         with Pipeline.open() as pipeline:
             sources = pipeline.settings.refresh.sources
-            if sources:
-                report = pipeline.plan(sources)
-                if report.errors:
-                    raise PlanError("; ".join(f"{u}: {e}" for u, e in report.errors.items()))
-            shard_ids = pipeline.select_work(
-                status="work", max_shards=context["params"]["max_shards"]
-            )
-        return check_map_length(shard_ids)
+            # new files add their shards; a file that cannot be planned is reported
+            plan_errors = pipeline.plan(sources).errors if sources else {}
+            work = pipeline.select_work(status="work", max_shards=context["params"]["max_shards"])
+        return planned_shard_ids(WorkSelection(work.shard_ids, plan_errors), context["ti"])
 
     process_shards(find_work(), retry_transient=True)
 

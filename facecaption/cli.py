@@ -214,11 +214,14 @@ def _run(args: argparse.Namespace) -> int:
     settings = Settings()
     with Pipeline.open(settings) as pipeline:
         stages = args.stage or pipeline.stage_names
-        shard_ids = pipeline.select_shards(args.source, args.shard)
+        selection = pipeline.select_work(args.source, args.shard, stages=stages)
+    # A source file that cannot be planned is named now, the others still run.
+    for error in selection.plan_errors.values():
+        print(f"facecaption: error: {error}", file=sys.stderr)
     failures = 0
     for shard_run in run_shards(
-        settings, shard_ids, stages, force=args.force, retry_transient=args.retry_transient,
-        jobs=args.jobs,
+        settings, selection.shard_ids, stages, force=args.force,
+        retry_transient=args.retry_transient, jobs=args.jobs,
     ):  # fmt: skip
         for outcome in shard_run.outcomes:
             print(
@@ -229,7 +232,13 @@ def _run(args: argparse.Namespace) -> int:
         if shard_run.error:
             print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)
             failures += 1
-    return 1 if failures else 0
+    if selection.plan_errors:
+        print(
+            f"facecaption: not all chosen work was done: {len(selection.plan_errors)} source"
+            f" file(s) could not be planned: {', '.join(selection.plan_errors)}",
+            file=sys.stderr,
+        )
+    return 1 if failures or selection.plan_errors else 0
 
 
 def _status(args: argparse.Namespace) -> int:

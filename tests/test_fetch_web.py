@@ -386,7 +386,8 @@ def test_fetch_refuses_a_redirect_to_another_scheme(tmp_path, settings):
     with SampleSite(routes) as site:
         table, _, _ = fetch_source(settings, routes_source(tmp_path, site, ["a.png"]))
     [row] = table.to_pylist()
-    assert row["status"] == "invalid_url"
+    assert row["status"] == "invalid_redirect"
+    assert row["http_status"] == 302
     assert "ftp" in row["error"]
 
 

@@ -108,7 +108,7 @@ def test_refresh_retries_only_the_transient_rows(
             [shard_id] = pipeline.select_shards([str(source)])
             first = pipeline.run("fetch", shard_id)
             assert first.counts["retryable"] == 1 and first.counts["ok"] == 1
-            assert pipeline.select_work(status="retryable") == [shard_id]
+            assert pipeline.select_work(status="retryable").shard_ids == [shard_id]
         _environment(monkeypatch, settings_env)
 
         assert refresh_dag.test().state == "success"

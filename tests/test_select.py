@@ -30,9 +30,9 @@ def built(tmp_path, settings, sample, sample_site):
 def test_nothing_is_pending_failed_or_stale_after_a_full_build(built):
     settings, shard_ids, _ = built
     with Pipeline.open(settings) as pipeline:
-        assert pipeline.select_work(status="all") == shard_ids
+        assert pipeline.select_work(status="all").shard_ids == shard_ids
         for status in ("pending", "failed", "stale"):
-            assert pipeline.select_work(status=status) == [], status
+            assert pipeline.select_work(status=status).shard_ids == [], status
 
 
 def test_failed_work_is_selected_by_stage(built):
@@ -42,23 +42,23 @@ def test_failed_work_is_selected_by_stage(built):
         with state.claim(shard_ids[1], "caption"):
             attempt = state.mark_running(shard_ids[1], "caption", "fp", "w")
             state.mark_failed(shard_ids[1], "caption", attempt, "RuntimeError: boom")
-        assert pipeline.select_work(status="failed") == [shard_ids[1]]
-        assert pipeline.select_work(status="pending") == [shard_ids[1]]
-        assert pipeline.select_work(status="failed", stages=["fetch", "detect"]) == []
+        assert pipeline.select_work(status="failed").shard_ids == [shard_ids[1]]
+        assert pipeline.select_work(status="pending").shard_ids == [shard_ids[1]]
+        assert pipeline.select_work(status="failed", stages=["fetch", "detect"]).shard_ids == []
 
 
 def test_a_changed_threshold_makes_exactly_that_stage_stale(built):
     settings, shard_ids, _ = built
     stricter = settings.attribute.model_copy(update={"threshold": 0.9})
     with Pipeline.open(settings.model_copy(update={"attribute": stricter})) as pipeline:
-        assert pipeline.select_work(status="stale", stages=["attribute"]) == shard_ids
-        assert pipeline.select_work(status="stale", stages=["fetch", "detect"]) == []
-        assert pipeline.select_work(status="stale", max_shards=2) == shard_ids[:2]
+        assert pipeline.select_work(status="stale", stages=["attribute"]).shard_ids == shard_ids
+        assert pipeline.select_work(status="stale", stages=["fetch", "detect"]).shard_ids == []
+        assert pipeline.select_work(status="stale", max_shards=2).shard_ids == shard_ids[:2]
         rerun = pipeline.run("attribute", shard_ids[0])
         assert rerun.status == "done" and rerun.attempt == 2
-        assert pipeline.select_work(status="stale", stages=["attribute"]) == shard_ids[1:]
+        assert pipeline.select_work(status="stale", stages=["attribute"]).shard_ids == shard_ids[1:]
         # the caption stage read the old attributes: it is stale now for the rerun shard
-        assert pipeline.select_work(status="stale", stages=["caption"]) == [shard_ids[0]]
+        assert pipeline.select_work(status="stale", stages=["caption"]).shard_ids == [shard_ids[0]]
 
 
 def test_unknown_stage_or_status_is_a_clear_error(built):

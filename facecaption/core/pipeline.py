@@ -10,7 +10,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from facecaption.core.errors import PermanentError
@@ -31,6 +31,22 @@ WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
 
 class PlanError(PermanentError, ValueError):
     """One or more sources could not be planned."""
+
+
+@dataclass(frozen=True)
+class WorkSelection:
+    """The shards chosen for a run, and the source files that could not be planned.
+
+    A bad file never stops the others: its shards are simply not there, and `plan_errors`
+    (file or argument -> why) says so. A run that had plan errors did not do all it was asked
+    to, whatever happened to the shards.
+    """
+
+    shard_ids: list[str]
+    plan_errors: dict[str, str] = field(default_factory=dict)
+
+    def plan_error_text(self) -> str:
+        return "; ".join(self.plan_errors.values())
 
 
 @dataclass(frozen=True)
@@ -73,19 +89,22 @@ class Pipeline:
         self, sources: list[str] | None = None, shard_ids: list[str] | None = None
     ) -> list[str]:
         """Explicit shard ids (checked to exist), else the shards of `sources` (planned now),
-        else every registered shard."""
+        else every registered shard. All or nothing: PlanError when a source could not be
+        planned (`select_work` plans what it can and reports the rest)."""
+        selection = self._choose(sources, shard_ids)
+        if selection.plan_errors:
+            raise PlanError(selection.plan_error_text())
+        return selection.shard_ids
+
+    def _choose(self, sources: list[str] | None, shard_ids: list[str] | None) -> WorkSelection:
         if shard_ids:
             for shard_id in shard_ids:
                 self.state.get_shard(shard_id)
-            return list(dict.fromkeys(shard_ids))
+            return WorkSelection(list(dict.fromkeys(shard_ids)))
         if sources:
             report = self.plan(sources)
-            if report.errors:
-                raise PlanError(
-                    "; ".join(f"{uri}: {error}" for uri, error in report.errors.items())
-                )
-            return report.shard_ids
-        return [shard.shard_id for shard in self.state.list_shards()]
+            return WorkSelection(report.shard_ids, dict(report.errors))
+        return WorkSelection([shard.shard_id for shard in self.state.list_shards()])
 
     def select_work(
         self,
@@ -95,8 +114,10 @@ class Pipeline:
         stages: list[str] | None = None,
         status: str = "all",
         max_shards: int | None = None,
-    ) -> list[str]:
-        """Shards (chosen as `select_shards` does) with work in `stages` that matches `status`:
+    ) -> WorkSelection:
+        """Shards (chosen as `select_shards` does, but a source that cannot be planned is
+        reported in `plan_errors` instead of raised) with work in `stages` that matches
+        `status`:
 
         all        every chosen shard
         pending    some stage not done yet (pending, running, failed)
@@ -111,7 +132,8 @@ class Pipeline:
         unknown = set(stages) - set(self.stage_names)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; known: {self.stage_names}")
-        chosen = self.select_shards(sources, shard_ids)
+        selection = self._choose(sources, shard_ids)
+        chosen = selection.shard_ids
         if status != "all":
             states = {(s.shard_id, s.stage): s for s in self.state.stage_table(chosen)}
             shards = {shard.shard_id: shard for shard in self.state.list_shards()}
@@ -147,7 +169,7 @@ class Pipeline:
                 shard_id for shard_id in chosen
                 if any(matches(shard_id, stage, status) for stage in stages)
             ]  # fmt: skip
-        return chosen[:max_shards] if max_shards else chosen
+        return WorkSelection(chosen[:max_shards] if max_shards else chosen, selection.plan_errors)
 
     def run(
         self, stage: str, shard_id: str, *, force: bool = False, retry_transient: bool = False

@@ -5,9 +5,12 @@ Statuses: `ok`; `duplicate` (the same bytes were kept first by the row `duplicat
 shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
 `taken_down` (the URL or the image's sha256 is under a takedown request); and
 the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
-`too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`. A bad URL is
-a row status, never a shard failure. Bytes are stored exactly as downloaded (native
-resolution, no re-encode). Both files are in source row order; the parquet is published last.
+`too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`,
+`invalid_redirect`, `invalid_response` and `source_error` (the source file's row group could not
+be read). A bad URL, server or source cell is a row status, never a shard failure: every url
+cell is checked (`parse_url`) before anything else sees it, the takedown lookup in Postgres
+included. Bytes are stored exactly as downloaded (native resolution, no re-encode). Both
+files are in source row order; the parquet is published last.
 
 A forced re-run over outputs made with the same settings keeps every row whose status is final
 (and its bytes) and fetches again only the transient failures (see `retry_later`).
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from yarl import URL
+
 from facecaption.core.artifacts import (
     FETCH_KEPT,
     FETCH_PARQUET,
@@ -36,20 +41,24 @@ from facecaption.core.imaging import EXTENSIONS, check_image
 from facecaption.core.stage import DedupIndex, StageContext, StageResult
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.fetch.web.downloader import Downloader, retry_later
-from facecaption.plan.sources import iter_rows
+from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
+from facecaption.plan.sources import UnreadableRows, cell_text, cell_values, iter_rows
 from facecaption.settings import FetchSettings, Settings
 from facecaption.state import Shard, ShardState
 from facecaption.state.takedowns import TakedownIndex
 
 WORKERS_PER_CONNECTION = 4
+# A row's error is for people; a hostile server or cell decides how long it would be.
+ERROR_CHARS = 1000
 
 
 @dataclass(frozen=True)
 class SourceRow:
     row: int
-    url: Any
+    url: object  # the cell as read: text, or whatever else the source holds
     caption: str | None
     sample_id: str | None
+    unreadable: str | None = None  # why the source could not give this row
 
     @property
     def key(self) -> str:
@@ -58,17 +67,20 @@ class SourceRow:
 
 def shard_rows(shard: Shard) -> Iterator[SourceRow]:
     row = shard.row_start
-    for batch in iter_rows(shard.source_uri, shard.columns, shard.row_start, shard.row_end):
-        data = batch.to_pydict()
-        for url, caption, sample_id in zip(
-            data["url"], data["caption"], data["sample_id"], strict=True
-        ):
-            yield SourceRow(
-                row,
-                url,
-                None if caption is None else str(caption),
-                None if sample_id is None else str(sample_id),
-            )
+    for part in iter_rows(shard.source_uri, shard.columns, shard.row_start, shard.row_end):
+        if isinstance(part, UnreadableRows):
+            for number in range(part.row_start, part.row_end):
+                yield SourceRow(number, None, None, None, unreadable=part.error)
+            row = part.row_end
+            continue
+        cells = zip(
+            cell_values(part.column("url")),
+            cell_values(part.column("caption")),
+            cell_values(part.column("sample_id")),
+            strict=True,
+        )
+        for url, caption, sample_id in cells:
+            yield SourceRow(row, url, cell_text(caption), cell_text(sample_id))
             row += 1
 
 
@@ -124,11 +136,13 @@ class FetchStage:
         tar_path = store.shard_path(shard.shard_id, FETCH_TAR)
         parquet_path = store.shard_path(shard.shard_id, FETCH_PARQUET)
         rows = list(shard_rows(shard))
+        urls, refused = check_rows(rows, limits)
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
                 kept = self._keep_final_rows(context, spool) if context.previous else {}
-                kept |= skip_taken_down_urls(rows, context.takedowns)
-                to_fetch = [row for row in rows if row.row not in kept]
+                kept |= refused
+                kept |= skip_taken_down_urls(rows, urls, context.takedowns)
+                to_fetch = [(row, urls[row.row]) for row in rows if row.row not in kept]
                 fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
@@ -172,8 +186,27 @@ class FetchStage:
         return {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
 
 
+def check_rows(
+    rows: list[SourceRow], limits: FetchSettings
+) -> tuple[dict[int, URL], dict[int, dict[str, Any]]]:
+    """The URL of each row that has one we may request, and a record for every other row:
+    `source_error` when the source could not give the row, `invalid_url` when its cell is not
+    such a URL. Nothing else (Postgres, DNS, HTTP) ever sees a url cell these refuse."""
+    urls: dict[int, URL] = {}
+    refused: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row.unreadable is not None:
+            refused[row.row] = _record(row, "source_error", row.unreadable)
+            continue
+        try:
+            urls[row.row] = parse_url(row.url, limits.allowed_schemes)
+        except UnusableURL as error:
+            refused[row.row] = _record(row, "invalid_url", str(error))
+    return urls, refused
+
+
 async def fetch_rows(
-    rows: list[SourceRow], limits: FetchSettings, spool: Spool
+    rows: list[tuple[SourceRow, URL]], limits: FetchSettings, spool: Spool
 ) -> dict[int, dict[str, Any]]:
     """Download and check `rows`, spooling the bytes of images we keep; records by row.
 
@@ -182,17 +215,17 @@ async def fetch_rows(
     to the spool as soon as they are checked.
     """
     records: dict[int, dict[str, Any]] = {}
-    queue: asyncio.Queue[SourceRow] = asyncio.Queue()
-    for row in rows:
-        queue.put_nowait(row)
+    queue: asyncio.Queue[tuple[SourceRow, URL]] = asyncio.Queue()
+    for item in rows:
+        queue.put_nowait(item)
     loop = asyncio.get_running_loop()
     checking = asyncio.Semaphore(limits.concurrency)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder:
 
         async def worker() -> None:
             while not queue.empty():
-                row = queue.get_nowait()
-                download = await downloader.get(row.url)
+                row, url = queue.get_nowait()
+                download = await downloader.get(url)
                 record = _record(row, download.status, download.error)
                 record.update(http_status=download.http_status, attempts=download.attempts)
                 if download.status == "ok":
@@ -227,17 +260,18 @@ async def fetch_rows(
 
 
 def skip_taken_down_urls(
-    rows: list[SourceRow], takedowns: TakedownIndex | None
+    rows: list[SourceRow], urls: dict[int, URL], takedowns: TakedownIndex | None
 ) -> dict[int, dict[str, Any]]:
     """Records (status `taken_down`, nothing downloaded) for rows whose URL is under a
-    takedown."""
+    takedown. Only rows with a checked URL (`urls`) are looked up, as their source text."""
     if takedowns is None:
         return {}
-    blocked = takedowns.blocked("url", [row.url for row in rows if isinstance(row.url, str)])
+    texts = {row.row: str(row.url).strip() for row in rows if row.row in urls}
+    blocked = takedowns.blocked("url", list(texts.values()))
     return {
         row.row: _record(row, "taken_down", "URL under a takedown request")
         for row in rows
-        if row.url in blocked
+        if row.row in texts and texts[row.row] in blocked
     }
 
 
@@ -291,17 +325,32 @@ def error_rate_warnings(statuses: Counter[str], threshold: float) -> list[str]:
 
 
 def _record(row: SourceRow, status: str, error: str | None) -> dict[str, Any]:
-    url = row.url if isinstance(row.url, str) else (None if row.url is None else str(row.url))
     return {
         **{name: None for name in FETCH_SCHEMA.names},
         "key": row.key,
         "row": row.row,
-        "url": url,
+        "url": _url_text(row.url),
         "caption": row.caption,
         "sample_id": row.sample_id,
         "status": status,
-        "error": error,
+        "error": _error_text(error),
     }
+
+
+def _url_text(cell: object) -> str | None:
+    """The url cell as stored: its text, with what is not valid UTF-8 escaped."""
+    if cell is None:
+        return None
+    if isinstance(cell, str):
+        return cell.encode("utf-8", "backslashreplace").decode("utf-8")
+    return quote(cell)
+
+
+def _error_text(error: str | None) -> str | None:
+    if error is None:
+        return None
+    text = error.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + "..."
 
 
 def _meta(record: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,20 @@ A source is identified by the sha256 of its bytes, so the same file planned from
 is the same source, and an edited file is a new one. Rows are never loaded all at once:
 planning reads only the footer, and a shard reads only the row groups that cover its range,
 in batches, keeping just the columns it needs.
+
+Source files are outside data. A file that cannot be used at all (not parquet, cut short, no
+url column, a url column that cannot hold text or holds no value) is a `SourceError` when it
+is planned, and the other files are still planned. Damage that only the data pages show (a
+corrupt row group) is found when a shard reads them: `iter_rows` gives those rows back as
+`UnreadableRows` with the reason, and the rows around them as usual. Text cells come back as
+Python strings even when their bytes are not UTF-8 (see `cell_values`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +30,7 @@ from facecaption.settings import SourceColumns
 
 _HASH_CHUNK = 8 << 20
 _BATCH_ROWS = 4096
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class SourceError(PermanentError, ValueError):
@@ -37,18 +47,30 @@ class SourceFile:
     columns: dict[str, str | None]
 
 
+@dataclass(frozen=True)
+class UnreadableRows:
+    """Rows `[row_start, row_end)` of a source that could not be read, and why."""
+
+    row_start: int
+    row_end: int
+    error: str
+
+
 def expand_source_uris(uris: list[str]) -> list[str]:
     """Files as given; a folder or glob becomes the parquet files in it, sorted."""
     expanded: list[str] = []
     for uri in uris:
-        fs, path = fsspec.core.url_to_fs(uri)
-        if fs.isdir(path):
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-        elif any(ch in path for ch in "*?["):
-            found = sorted(fs.glob(path))
-        else:
-            expanded.append(uri)
-            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            if fs.isdir(path):
+                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+            elif any(ch in path for ch in "*?["):
+                found = sorted(fs.glob(path))
+            else:
+                expanded.append(uri)
+                continue
+        except (OSError, ValueError) as error:
+            raise SourceError(f"{uri}: cannot be listed ({error})") from error
         if not found:
             raise SourceError(f"{uri}: no parquet files found")
         expanded.extend(fs.unstrip_protocol(p) if "://" in uri else p for p in found)
@@ -62,12 +84,53 @@ def resolve_columns(schema: pa.Schema, candidates: SourceColumns) -> dict[str, s
         role: next((name for name in options if name in names), None)
         for role, options in candidates.model_dump().items()
     }
-    if resolved["url"] is None:
+    url = resolved["url"]
+    if url is None:
         raise SourceError(
             f"no url column: looked for {candidates.url}, the file has {sorted(names)};"
             " set FACECAPTION_COLUMNS__URL"
         )
     return resolved
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    return (
+        pa.types.is_string(data_type)
+        or pa.types.is_large_string(data_type)
+        or pa.types.is_string_view(data_type)
+    )
+
+
+def _check_urls(metadata: pq.FileMetaData, schema: pa.Schema, url: str) -> None:
+    """Refuse a file whose rows cannot give a URL: a url column that cannot hold text, or
+    whose footer shows it null in every row (an empty file is fine: it has no shards)."""
+    if metadata.num_rows < 0 or any(
+        metadata.row_group(i).num_rows < 0 for i in range(metadata.num_row_groups)
+    ):
+        raise SourceError("the footer gives a negative number of rows")
+    if metadata.num_rows == 0:
+        return
+    url_type = schema.field(url).type
+    if pa.types.is_null(url_type):
+        raise SourceError(f"the url column {url!r} is null in all {metadata.num_rows} rows")
+    if not _is_text(url_type):
+        raise SourceError(f"the url column {url!r} holds {url_type}, not text (string)")
+    nulls = 0
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        chunk = next(
+            (group.column(c) for c in range(group.num_columns)
+             if group.column(c).path_in_schema == url),
+            None,
+        )  # fmt: skip
+        statistics = chunk.statistics if chunk is not None else None
+        if statistics is None or not statistics.has_null_count:
+            return  # unknown: the rows will say
+        nulls += statistics.null_count
+    if metadata.num_rows and nulls >= metadata.num_rows:
+        raise SourceError(f"the url column {url!r} is null in all {metadata.num_rows} rows")
 
 
 def inspect_source(uri: str, candidates: SourceColumns) -> SourceFile:
@@ -85,52 +148,127 @@ def inspect_source(uri: str, candidates: SourceColumns) -> SourceFile:
     except FileNotFoundError as error:
         raise SourceError(f"{uri}: file not found") from error
     except (OSError, pa.ArrowException) as error:
-        raise SourceError(f"{uri}: not a readable parquet file ({error})") from error
+        raise SourceError(f"{uri}: not a readable parquet file ({_one_line(error)})") from error
+    try:
+        columns = resolve_columns(schema, candidates)
+        _check_urls(metadata, schema, columns["url"] or "")
+    except SourceError as error:
+        raise SourceError(f"{uri}: {error}") from error
     return SourceFile(
         uri=uri,
         name=path.rsplit("/", 1)[-1],
         source_id=digest.hexdigest(),
         size_bytes=size,
         num_rows=metadata.num_rows,
-        columns=resolve_columns(schema, candidates),
+        columns=columns,
     )
 
 
 def iter_rows(
     uri: str, columns: dict[str, str | None], row_start: int, row_end: int
-) -> Iterator[pa.RecordBatch]:
-    """Batches of rows `[row_start, row_end)` with columns renamed to their roles.
+) -> Iterator[pa.RecordBatch | UnreadableRows]:
+    """Batches of rows `[row_start, row_end)` with columns renamed to their roles, in order;
+    rows whose row group cannot be read (or holds fewer rows than the footer says) come as
+    `UnreadableRows` in their place.
 
-    Roles whose column is absent come back as null strings, so callers see one shape.
+    Roles whose column is absent come back as null strings, so callers see one shape. A file
+    that cannot be opened at all any more is a `SourceError`.
     """
     wanted = {role: name for role, name in columns.items() if name is not None}
     fs, path = fsspec.core.url_to_fs(uri)
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        groups, first_row = [], 0
+    try:
+        handle = fs.open(path, "rb")
+    except FileNotFoundError as error:
+        raise SourceError(f"{uri}: file not found (moved or deleted since planning?)") from error
+    with handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (OSError, pa.ArrowException) as error:
+            if not _is_data_error(error):
+                raise
+            raise SourceError(f"{uri}: not a readable parquet file ({_one_line(error)})") from error
+        group_start = 0
         for index in range(parquet.metadata.num_row_groups):
-            group_rows = parquet.metadata.row_group(index).num_rows
-            if first_row < row_end and first_row + group_rows > row_start:
-                if not groups:
-                    offset = first_row
-                groups.append(index)
-            first_row += group_rows
-        if not groups:
-            return
-        position = offset
-        for batch in parquet.iter_batches(
-            batch_size=_BATCH_ROWS, row_groups=groups, columns=list(wanted.values())
-        ):
-            lo = max(row_start - position, 0)
-            hi = min(row_end - position, batch.num_rows)
-            position += batch.num_rows
-            if hi <= lo:
-                continue
-            batch = batch.slice(lo, hi - lo)
-            arrays = {role: batch.column(name) for role, name in wanted.items()}
-            for role in columns:
-                if role not in arrays:
-                    arrays[role] = pa.nulls(batch.num_rows, pa.string())
-            yield pa.RecordBatch.from_pydict(arrays)
-            if position >= row_end:
+            group_end = group_start + parquet.metadata.row_group(index).num_rows
+            lo, hi = max(row_start, group_start), min(row_end, group_end)
+            if lo < hi:
+                yield from _read_group(parquet, index, group_start, lo, hi, wanted, columns)
+            group_start = group_end
+            if group_start >= row_end:
                 break
+
+
+def _read_group(
+    parquet: pq.ParquetFile,
+    index: int,
+    group_start: int,
+    lo: int,
+    hi: int,
+    wanted: dict[str, str],
+    columns: dict[str, str | None],
+) -> Iterator[pa.RecordBatch | UnreadableRows]:
+    """Rows `[lo, hi)` of row group `index` (which starts at `group_start`)."""
+    position = group_start
+    try:
+        for batch in parquet.iter_batches(
+            batch_size=_BATCH_ROWS, row_groups=[index], columns=list(wanted.values())
+        ):
+            first, last = max(lo, position), min(hi, position + batch.num_rows)
+            position += batch.num_rows
+            if first < last:
+                part = batch.slice(first - (position - batch.num_rows), last - first)
+                arrays = {role: part.column(name) for role, name in wanted.items()}
+                for role in columns:
+                    if role not in arrays:
+                        arrays[role] = pa.nulls(part.num_rows, pa.string())
+                yield pa.RecordBatch.from_pydict(arrays)
+            if position >= hi:
+                return
+    except (OSError, pa.ArrowException) as error:
+        if not _is_data_error(error):
+            raise
+        reason = f"row group {index} cannot be read: {_one_line(error)}"
+    else:
+        reason = f"row group {index} holds fewer rows than the footer says"
+    yield UnreadableRows(max(lo, position), hi, reason)
+
+
+def _is_data_error(error: BaseException) -> bool:
+    """Whether a read failed on the file's bytes (a damaged page, bad framing), which reading
+    again cannot change, rather than on the way to them (network, permissions), which is
+    raised. Arrow reports damaged data as a plain OSError or an ArrowException."""
+    return type(error) is OSError or isinstance(error, pa.ArrowException)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def cell_values(array: pa.Array | pa.ChunkedArray) -> list[object]:
+    """The Python values of a column. Text cells are decoded as UTF-8 with invalid bytes kept
+    as lone surrogates (`surrogateescape`), so one bad cell never stops a batch: who uses the
+    text decides (a url with them is invalid, a caption replaces them)."""
+    if isinstance(array, pa.ChunkedArray):
+        return [value for chunk in array.chunks for value in cell_values(chunk)]
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if pa.types.is_string(array.type):
+        raw = array.view(pa.binary()).to_pylist()
+    elif pa.types.is_large_string(array.type):
+        raw = array.view(pa.large_binary()).to_pylist()
+    elif pa.types.is_string_view(array.type):
+        raw = array.cast(pa.binary_view()).to_pylist()
+    else:
+        return array.to_pylist()
+    return [None if cell is None else cell.decode("utf-8", "surrogateescape") for cell in raw]
+
+
+def cell_text(value: object) -> str | None:
+    """A caption or sample id cell as text that can be stored anywhere: None for null (and a
+    float NaN), bytes decoded as UTF-8, other values written out; invalid UTF-8 (lone
+    surrogates) becomes U+FFFD."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return _SURROGATES.sub("\ufffd", value if isinstance(value, str) else str(value))

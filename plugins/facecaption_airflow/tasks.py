@@ -115,6 +115,21 @@ def release_task(publish: str | bool = True) -> Any:
     return release(publish)
 
 
+# The XCom key under which a plan task leaves {source file: error} for the files it could not
+# plan (an empty dict when there were none); their shards are not in the run.
+PLAN_ERRORS_XCOM = "plan_errors"
+
+
+def planned_shard_ids(selection: Any, task_instance: Any) -> list[str]:
+    """What a plan task returns from a `WorkSelection`: the shard ids to map (checked against
+    max_map_length). Files that could not be planned are printed and pushed to XCom under
+    PLAN_ERRORS_XCOM; the other files' shards run."""
+    for uri, error in selection.plan_errors.items():
+        print(f"could not plan {uri}: {error}")
+    task_instance.xcom_push(key=PLAN_ERRORS_XCOM, value=selection.plan_errors)
+    return check_map_length(selection.shard_ids)
+
+
 def check_map_length(shard_ids: list[str]) -> list[str]:
     """Refuse a plan Airflow would refuse later, with the fix in the message."""
     from airflow.configuration import conf

@@ -30,6 +30,10 @@ class Route:
     fail_headers: dict[str, str] | None = None  # e.g. {"Retry-After": "1"}
     chunked: bool = False  # no Content-Length: the size is known only by reading
     headers: dict[str, str] | None = None
+    # The whole answer as bytes on the wire (status line, headers, body), then a hang-up:
+    # for answers the standard library would refuse to send (raw bytes in headers, bad
+    # framing, no HTTP at all). `b""` hangs up without a word.
+    raw: bytes | None = None
 
 
 class SampleSite(LoopbackServer):
@@ -82,6 +86,11 @@ class SampleSite(LoopbackServer):
                     return self._answer(404, b"not found", "text/plain")
                 if route.delay_s:
                     time.sleep(route.delay_s)
+                if route.raw is not None:
+                    self.wfile.write(route.raw)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return None
                 if hit <= route.fail_first:
                     return self._answer(
                         route.fail_status, b"try again", "text/plain", route.fail_headers

@@ -4,7 +4,14 @@ Knows nothing of shards, images or storage. `get` never raises for a bad URL or 
 it returns a `Download` whose status is one of:
 
   ok, http_error, timeout, dns_error, connection_error, too_large, invalid_url,
-  blocked_address, robots_disallowed, robots_unavailable, opted_out
+  invalid_redirect, invalid_response, blocked_address, robots_disallowed, robots_unavailable,
+  opted_out
+
+A URL is parsed and checked before anything is sent (see `urls`): what is not a URL we may
+request is `invalid_url`, a redirect to one is `invalid_redirect` (a `Location` that is
+missing, empty, unparseable or names a host, port or scheme we refuse). An answer aiohttp
+cannot parse as HTTP (a bad status line, a header line over aiohttp's limit, bytes not allowed
+in a header, a bad Content-Length or chunk size) is `invalid_response`.
 
 Every hop of a download (redirects are followed here, not by aiohttp) is checked in order:
 scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
@@ -43,6 +50,7 @@ from facecaption.fetch.web.guard import (
 )
 from facecaption.fetch.web.hosts import HostLimiter
 from facecaption.fetch.web.robots import RobotsTxt
+from facecaption.fetch.web.urls import UnusableURL, parse_url, resolve_location
 from facecaption.settings import FetchSettings
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -50,6 +58,8 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRY_NOW = frozenset({"timeout", "connection_error"})
 RETRY_LATER = RETRY_NOW | {"dns_error", "robots_unavailable"}
 _CHUNK = 64 * 1024
+# aiohttp's parser errors quote the offending line, which a hostile server makes 60 KB long.
+_ERROR_CHARS = 300
 
 
 def retry_later(status: str, http_status: int | None) -> bool:
@@ -113,9 +123,14 @@ class Downloader:
     # -- one URL ------------------------------------------------------------------------
 
     async def get(self, raw_url: object) -> Download:
-        url = self._parse(raw_url)
-        if isinstance(url, Download):
-            return replace(url, attempts=0)
+        """Download `raw_url`: a `URL` from `parse_url`, or outside text that is parsed here."""
+        if isinstance(raw_url, URL):
+            url = raw_url
+        else:
+            try:
+                url = parse_url(raw_url, self.limits.allowed_schemes)
+            except UnusableURL as error:
+                return Download("invalid_url", error=str(error), attempts=0)
         attempt = 0
         while True:
             attempt += 1
@@ -134,19 +149,6 @@ class Downloader:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.limits.backoff_max_s, self.limits.backoff_base_s * 2 ** (attempt - 1))
         return ceiling * (0.5 + random.random() / 2)
-
-    def _parse(self, raw: object) -> URL | Download:
-        if not isinstance(raw, str) or not raw.strip():
-            return Download("invalid_url", error="empty url")
-        try:
-            url = URL(raw.strip())
-        except (ValueError, TypeError) as error:
-            return Download("invalid_url", error=f"unparseable url: {error}")
-        if url.scheme not in self.limits.allowed_schemes:
-            return Download("invalid_url", error=f"scheme {url.scheme!r} not allowed")
-        if not url.host:
-            return Download("invalid_url", error="url has no host")
-        return url
 
     async def _attempt(
         self,
@@ -169,6 +171,9 @@ class Downloader:
             if isinstance(error.os_error, BlockedAddressError):
                 return Download("blocked_address", error=str(error.os_error))
             return Download("dns_error", error=str(error))
+        except aiohttp.ClientResponseError as error:
+            # raised while reading the status line and headers: not an answer we can read
+            return Download("invalid_response", error=f"{error.message}"[:_ERROR_CHARS])
         except aiohttp.InvalidURL as error:
             return Download("invalid_url", error=f"invalid url or redirect target: {error}")
         except (aiohttp.ClientError, OSError) as error:
@@ -196,15 +201,15 @@ class Downloader:
                     ):
                         status = response.status
                         location = response.headers.get("Location")
-                        if status not in REDIRECTS or not location:
+                        if status not in REDIRECTS:
                             return await self._read(url, response, max_bytes, truncate)
                 except TimeoutError:
                     return Download("timeout", error=f"no complete answer in {deadline_s}s")
                 remaining -= loop.time() - started
-            target = self._parse(str(url.join(URL(location))))
-            if isinstance(target, Download):
-                return replace(target, http_status=status, error=f"redirect: {target.error}")
-            url = target
+            try:
+                url = resolve_location(url, location, self.limits.allowed_schemes)
+            except UnusableURL as error:
+                return Download("invalid_redirect", http_status=status, error=str(error))
         return Download(
             "http_error",
             http_status=status,
@@ -229,6 +234,8 @@ class Downloader:
                 return Download("blocked_address", error=str(error))
             except OSError as error:
                 return Download("dns_error", error=f"{host}: {error}")
+            except UnicodeError as error:  # the IDNA codec; `parse_url` checks the same first
+                return Download("invalid_url", error=f"{host}: {error}")
         if check_robots and self.limits.respect_robots_txt:
             robots = await self._robots_for(url)
             if isinstance(robots, Download):
@@ -320,7 +327,7 @@ def _retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # float() refuses some other digits ("²")
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

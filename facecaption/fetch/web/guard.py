@@ -2,8 +2,12 @@
 that enforces it on the addresses actually connected to.
 
 Loopback, private, link-local (169.254.0.0/16 with the cloud metadata address, fe80::/10),
-multicast, reserved, unspecified and every other non-global address, IPv4 or IPv6
-(IPv4-mapped IPv6 included), are refused unless an explicit allow-list names their network.
+multicast, reserved, unspecified and every other non-global address, IPv4 or IPv6, are refused
+unless an explicit allow-list names their network. An IPv6 address that carries an IPv4 one
+is judged by the IPv4 it carries, since that is where its packets end up: IPv4-mapped
+(::ffff:0:0/96), 6to4 (2002::/16), NAT64 (64:ff9b::/96) and Teredo (2001::/32, both its server
+and its client). The local-use NAT64 prefix (64:ff9b:1::/48, RFC 8215) is refused whatever it
+carries: it only routes inside its operator's network.
 The resolver answers each host once per downloader (one shard) and refuses blocked answers
 itself, so the connector can only ever connect to addresses that passed the check.
 """
@@ -18,6 +22,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 class BlockedAddressError(OSError):
@@ -30,16 +36,37 @@ class AddressGuard:
 
     def blocked_reason(self, address: IPAddress) -> str | None:
         """Why `address` is refused, or None when it may be reached."""
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if any(address in network for network in self.allowed):
             return None
+        carried = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+        for v4 in carried:
+            reason = self.blocked_reason(v4)
+            if reason:
+                return f"{reason} (carries {v4})"
+        if address in LOCAL_NAT64:
+            return "non-global (local-use NAT64 prefix)"
+        if carried:
+            return None  # a public IPv4 behind a translation or tunnel prefix
         for reason in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
             if getattr(address, f"is_{reason}"):
                 return reason.replace("_", "-")
         if not address.is_global:
             return "non-global"
         return None
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries to: IPv4-mapped, 6to4, Teredo (server and
+    client), NAT64 (the low 32 bits, where the /96 prefixes put it)."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if address in NAT64 or address in LOCAL_NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
 
 
 def literal_address(host: str) -> IPAddress | None:
