@@ -117,13 +117,23 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
     _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh copy of the migrated template database, dropped afterwards (for fixtures of
+    any scope)."""
+    name = f"{template_db}_{uuid.uuid4().hex[:8]}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"{template_db}_{uuid.uuid4().hex[:8]}"
-    _admin(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_admin_url, template_db) as url:
+        yield url
 
 
 @pytest.fixture

@@ -139,9 +139,9 @@ class FetchStage:
         urls, refused = check_rows(rows, limits)
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
-                kept = self._keep_final_rows(context, spool) if context.previous else {}
-                kept |= refused
-                kept |= skip_taken_down_urls(rows, urls, context.takedowns)
+                reused = self._keep_final_rows(context, spool) if context.previous else {}
+                taken_down = skip_taken_down_urls(rows, urls, context.takedowns)
+                kept = reused | refused | taken_down
                 to_fetch = [(row, urls[row.row]) for row in rows if row.row not in kept]
                 fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
                 by_row = {**kept, **fetched}
@@ -160,7 +160,7 @@ class FetchStage:
                 **dict(sorted(statuses.items())),
                 "bytes": sum(r["bytes"] or 0 for r in records if r["status"] == "ok"),
                 "fetched": len(to_fetch),
-                "reused": len(kept),
+                "reused": len(reused.keys() - refused.keys() - taken_down.keys()),
                 # rows a later run will try again (the runner re-runs a stage that has some)
                 "retryable": sum(retry_later(r["status"], r["http_status"]) for r in records),
             },

@@ -173,7 +173,8 @@ class Downloader:
             return Download("dns_error", error=str(error))
         except aiohttp.ClientResponseError as error:
             # raised while reading the status line and headers: not an answer we can read
-            return Download("invalid_response", error=f"{error.message}"[:_ERROR_CHARS])
+            message = " ".join(str(error.message).split())  # one line, as other errors
+            return Download("invalid_response", error=message[:_ERROR_CHARS])
         except aiohttp.InvalidURL as error:
             return Download("invalid_url", error=f"invalid url or redirect target: {error}")
         except (aiohttp.ClientError, OSError) as error:
