@@ -196,12 +196,12 @@ def check_rows(
     refused: dict[int, dict[str, Any]] = {}
     for row in rows:
         if row.unreadable is not None:
-            refused[row.row] = _record(row, "source_error", row.unreadable)
+            refused[row.row] = _record(row, "source_error", row.unreadable) | {"attempts": 0}
             continue
         try:
             urls[row.row] = parse_url(row.url, limits.allowed_schemes)
         except UnusableURL as error:
-            refused[row.row] = _record(row, "invalid_url", str(error))
+            refused[row.row] = _record(row, "invalid_url", str(error)) | {"attempts": 0}
     return urls, refused
 
 

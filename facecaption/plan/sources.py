@@ -84,8 +84,7 @@ def resolve_columns(schema: pa.Schema, candidates: SourceColumns) -> dict[str, s
         role: next((name for name in options if name in names), None)
         for role, options in candidates.model_dump().items()
     }
-    url = resolved["url"]
-    if url is None:
+    if resolved["url"] is None:
         raise SourceError(
             f"no url column: looked for {candidates.url}, the file has {sorted(names)};"
             " set FACECAPTION_COLUMNS__URL"
@@ -129,7 +128,7 @@ def _check_urls(metadata: pq.FileMetaData, schema: pa.Schema, url: str) -> None:
         if statistics is None or not statistics.has_null_count:
             return  # unknown: the rows will say
         nulls += statistics.null_count
-    if metadata.num_rows and nulls >= metadata.num_rows:
+    if nulls >= metadata.num_rows:
         raise SourceError(f"the url column {url!r} is null in all {metadata.num_rows} rows")
 
 
