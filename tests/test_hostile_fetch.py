@@ -209,6 +209,12 @@ ANSWERS = [
     ),
     Hostile("answer: hang up without a word", "connection_error", route=Route(raw=b"")),
     Hostile(
+        "answer: 404 without a reason phrase",
+        "http_error",
+        route=Route(raw=b"HTTP/1.1 404 \r\nContent-Length: 0\r\n\r\n"),
+        error="HTTP 404",
+    ),
+    Hostile(
         "header: line without a colon",
         "invalid_response",
         route=Route(raw=b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\nxx"),

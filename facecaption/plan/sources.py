@@ -170,22 +170,12 @@ def iter_rows(
     rows whose row group cannot be read (or holds fewer rows than the footer says) come as
     `UnreadableRows` in their place.
 
-    Roles whose column is absent come back as null strings, so callers see one shape. A file
-    that cannot be opened at all any more is a `SourceError`.
+    Roles whose column is absent come back as null strings, so callers see one shape.
     """
     wanted = {role: name for role, name in columns.items() if name is not None}
     fs, path = fsspec.core.url_to_fs(uri)
-    try:
-        handle = fs.open(path, "rb")
-    except FileNotFoundError as error:
-        raise SourceError(f"{uri}: file not found (moved or deleted since planning?)") from error
-    with handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (OSError, pa.ArrowException) as error:
-            if not _is_data_error(error):
-                raise
-            raise SourceError(f"{uri}: not a readable parquet file ({_one_line(error)})") from error
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
         group_start = 0
         for index in range(parquet.metadata.num_row_groups):
             group_end = group_start + parquet.metadata.row_group(index).num_rows

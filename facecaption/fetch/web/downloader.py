@@ -254,7 +254,10 @@ class Downloader:
             if retry_after is not None and status in (429, 503):
                 self.hosts.pause(url.host or "", min(retry_after, self.limits.retry_after_max_s))
             return Download(
-                "http_error", http_status=status, error=response.reason, retry_after_s=retry_after
+                "http_error",
+                http_status=status,
+                error=response.reason or f"HTTP {status}",  # a status line may have no reason
+                retry_after_s=retry_after,
             )
         directive = opt_out_directive(
             response.headers.getall("X-Robots-Tag", []),
