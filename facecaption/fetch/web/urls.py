@@ -53,8 +53,7 @@ def parse_url(raw: object, allowed_schemes: Collection[str]) -> URL:
     _check_text(text)
     try:
         url = URL(text)
-        # yarl decodes the host (IDNA) and checks the port lazily: ask now, inside the guard
-        url.host, url.port, url.raw_path_qs  # noqa: B018
+        url.port, url.raw_path_qs  # noqa: B018 (yarl checks these lazily: ask now)
     except ValueError as error:  # UnicodeError included (the IDNA codec)
         raise UnusableURL(f"unparseable url {quote(text)}: {error}") from error
     if url.scheme not in allowed_schemes:
@@ -63,7 +62,7 @@ def parse_url(raw: object, allowed_schemes: Collection[str]) -> URL:
         raise UnusableURL(f"url has no host: {quote(text)}")
     if url.explicit_port == 0:
         raise UnusableURL("port 0")
-    _check_host(url.raw_host)
+    _check_host(url)
     return url
 
 
@@ -91,8 +90,9 @@ def _check_text(text: str) -> None:
         raise UnusableURL(f"control character {control!r} in {quote(text)}")
 
 
-def _check_host(raw_host: str) -> None:
+def _check_host(url: URL) -> None:
     """Refuse a host that is neither an IP literal nor a name DNS and the IDNA codec accept."""
+    raw_host = url.raw_host or ""
     try:
         ipaddress.ip_address(raw_host)
         return
@@ -111,8 +111,11 @@ def _check_host(raw_host: str) -> None:
             raise UnusableURL(f"host {quote(raw_host)} is not a DNS name")
     if _NUMERIC_LABEL.fullmatch(labels[-1]):
         raise UnusableURL(f"numeric host {quote(raw_host)} is not a dotted-quad IPv4 address")
-    try:
-        # what getaddrinfo does with the name; punycode labels must also decode
-        name.encode("idna").decode("idna")
-    except UnicodeError as error:
-        raise UnusableURL(f"host {quote(raw_host)}: {error}") from error
+    if any(label.startswith("xn--") for label in labels):
+        # Plain labels were checked above (all the IDNA codec checks in what getaddrinfo
+        # does); punycode must also decode, for the codec and for yarl's `host`.
+        try:
+            name.encode("idna").decode("idna")
+            url.host  # noqa: B018
+        except UnicodeError as error:
+            raise UnusableURL(f"host {quote(raw_host)}: {error}") from error
