@@ -246,14 +246,22 @@ class ExportSettings(BaseModel):
         description="license note stored in every release row and the manifest",
     )
     report_max_crops: int = Field(
-        2000, ge=0, description="crops scored for image quality (BRISQUE) in the report"
+        2000, ge=0, description="crops whose image quality (BRISQUE) the report shows"
+    )
+    quality_crops_per_shard: int = Field(
+        8,
+        ge=0,
+        description="released crops of each shard scored with BRISQUE when it is exported"
+        " (its first ones in row order): what the report samples from",
     )
 
-    # the release's file layout and the report: not part of any shard's export
+    # the release's file layout and the report: not part of any shard's export (a changed
+    # quality_crops_per_shard applies to shards exported from then on)
     NOT_SHARD_FIELDS: ClassVar[tuple[str, ...]] = (
         "rows_per_file",
         "row_group_size",
         "report_max_crops",
+        "quality_crops_per_shard",
     )
 
     def output_settings(self) -> dict[str, Any]:

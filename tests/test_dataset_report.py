@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image, ImageStat
 from test_release import released  # noqa: F401 (fixture)
 
 from facecaption.core.pipeline import Pipeline
-from facecaption.release.report import write_report
+from facecaption.release.report import collect, write_report
 
 
 def report_data(path: str) -> dict:
@@ -95,3 +96,44 @@ def test_report_renders_in_chromium_without_errors(released, browser, page_error
     stats = ImageStat.Stat(shot.convert("L"))
     assert stats.stddev[0] > 10  # not a blank page
     assert len(shot.getcolors(maxcolors=1 << 20) or []) > 50  # text, bars of several colours
+
+
+def test_report_reads_no_shard_artifact_and_samples_quality_boundedly_and_stably(released):  # noqa: F811
+    """The report comes from what the exports stored: with every shard artifact deleted it
+    says exactly the same. Its BRISQUE sample is the same crops each time, at most
+    `report_max_crops` of them."""
+    settings, shard_ids, release = released
+    with Pipeline.open(settings) as pipeline:
+        first = collect(pipeline)
+        shutil.rmtree(Path(pipeline.store.root) / "shards")
+        again = collect(pipeline)
+        bounded = collect(pipeline, max_crops=2)
+        bounded_again = collect(pipeline, max_crops=2)
+    assert {k: v for k, v in again.items() if k != "generated_at"} == {
+        k: v for k, v in first.items() if k != "generated_at"
+    }
+    assert first["exported_shards"] == len(shard_ids)
+    assert first["brisque"]["crops"] == release.rows > 2
+    assert bounded["brisque"]["crops"] == 2
+    assert bounded["brisque"] == bounded_again["brisque"]
+
+
+def test_shards_exported_before_statistics_were_kept_get_them_once(released):  # noqa: F811
+    settings, shard_ids, _ = released
+    one_crop = settings.model_copy(
+        update={"export": settings.export.model_copy(update={"quality_crops_per_shard": 1})}
+    )
+    with Pipeline.open(one_crop) as pipeline:
+        first = collect(pipeline)
+        with pipeline.state.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM stage_stats"))
+        backfilled = collect(pipeline)
+        with pipeline.state.engine.connect() as conn:
+            stored = conn.execute(sa.text("SELECT count(*) FROM stage_stats")).scalar()
+        assert pipeline.state.finished_stats("export")[1] == {}
+    assert stored == len(shard_ids)
+    for key in ("funnel", "image_min_side", "face_min_side", "attributes", "caption_words",
+                "fidelity", "unique_4grams"):  # fmt: skip
+        assert backfilled[key] == first[key], key
+    # worked out again with one crop per shard: bounded by the setting
+    assert 0 < backfilled["brisque"]["crops"] <= len(shard_ids) < first["brisque"]["crops"]

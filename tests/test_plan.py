@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.fileserver import FileServer
 
+from facecaption.core.errors import is_permanent
 from facecaption.core.pipeline import Pipeline, PlanError
-from facecaption.plan.sources import iter_rows
+from facecaption.plan.sources import SourceChangedError, iter_rows
 from facecaption.settings import Settings
 from facecaption.state import UnknownShardError
 
@@ -120,14 +123,87 @@ def test_copied_file_is_the_same_source(tmp_path: Path, small: Settings) -> None
         assert pipeline.state.get_shard(first.shard_ids[0]).source_uri == str(copy)
 
 
-def test_edited_file_is_a_new_source(tmp_path: Path, small: Settings) -> None:
+def test_file_changed_in_place_is_refused_and_its_shards_are_not_read(
+    tmp_path: Path, small: Settings
+) -> None:
     source = write_rows(tmp_path / "a.parquet", 25)
     with Pipeline.open(small) as pipeline:
         first = pipeline.plan([str(source)])
         write_rows(source, 25, tag="edited")
-        second = pipeline.plan([str(source)])
-        assert second.new_shards == 3
+        again = pipeline.plan([str(source)])
+        assert again.sources == [] and list(again.errors) == [str(source)]
+        assert "changed after it was planned as source" in again.errors[str(source)]
+        assert [s.shard_id for s in pipeline.state.list_shards()] == first.shard_ids
+        # the fetch stage does not read the old shard ids' rows from the new content
+        with pytest.raises(SourceChangedError, match="changed after it was planned") as error:
+            pipeline.run("fetch", first.shard_ids[0])
+        assert is_permanent(error.value)
+        assert pipeline.state.get_stage(first.shard_ids[0], "fetch").status == "failed"
+        # the new content under a new name is a new source; the old shards stay unreadable
+        renamed = source.rename(tmp_path / "a-v2.parquet")
+        second = pipeline.plan([str(renamed)])
+        assert second.errors == {} and second.new_shards == 3
         assert set(first.shard_ids).isdisjoint(second.shard_ids)
+        with pytest.raises(SourceChangedError, match="not found"):
+            pipeline.run("fetch", first.shard_ids[1])
+
+
+def test_same_size_edit_with_its_mtime_put_back_is_still_caught(
+    tmp_path: Path, small: Settings
+) -> None:
+    source = write_rows(tmp_path / "a.parquet", 25, tag="a")
+    before = source.stat()
+    with Pipeline.open(small) as pipeline:
+        first = pipeline.plan([str(source)])
+        write_rows(source, 25, tag="b")  # same length of every value: same size
+        assert source.stat().st_size == before.st_size
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert "changed after it was planned" in pipeline.plan([str(source)]).errors[str(source)]
+        with pytest.raises(SourceChangedError):
+            pipeline.run("fetch", first.shard_ids[0])
+
+
+def test_a_touched_but_unchanged_file_is_the_same_source(tmp_path: Path, small: Settings) -> None:
+    source = write_rows(tmp_path / "a.parquet", 25)
+    with Pipeline.open(small) as pipeline:
+        first = pipeline.plan([str(source)])
+        os.utime(source, ns=(1, 1))
+        again = pipeline.plan([str(source)])
+        assert again.errors == {} and again.shard_ids == first.shard_ids
+        assert again.new_shards == 0
+        # its new version is recorded: the shards read it without hashing it again
+        shard = pipeline.state.get_shard(first.shard_ids[0])
+        assert shard.source_version is not None and "mtime_ns=1;" in shard.source_version.modified
+        assert pipeline.run("fetch", shard.shard_id).status == "done"
+
+
+def test_replanning_an_unchanged_remote_file_reads_none_of_its_bytes(
+    tmp_path: Path, small: Settings
+) -> None:
+    """Over HTTP as the Hub and object stores serve parquet (ETag, ranges): a HEAD tells the
+    version; only a new or changed version is read."""
+    data = write_rows(tmp_path / "a.parquet", 25, tag="a").read_bytes()
+    with FileServer({"part-0.parquet": data}) as server, Pipeline.open(small) as pipeline:
+        url = server.url("part-0.parquet")
+        first = pipeline.plan([url])
+        assert first.errors == {} and first.sources[0].source_id == hashlib.sha256(data).hexdigest()
+        reads = server.reads()
+        assert reads > 0
+        again = pipeline.plan([url])
+        assert again.errors == {} and again.shard_ids == first.shard_ids
+        assert server.reads() == reads, "an unchanged file is planned from its HEAD alone"
+        # the same size, other content: the ETag changes and the content hash settles it
+        server.files["part-0.parquet"] = write_rows(
+            tmp_path / "b.parquet", 25, tag="b"
+        ).read_bytes()
+        assert len(server.files["part-0.parquet"]) == len(data)
+        changed = pipeline.plan([url])
+        assert "changed after it was planned" in changed.errors[url]
+        with pytest.raises(SourceChangedError):
+            pipeline.run("fetch", first.shard_ids[0])
+        server.files["part-0.parquet"] = data  # put back: readable again
+        assert pipeline.plan([url]).errors == {}
+        assert pipeline.run("fetch", first.shard_ids[0]).status == "done"
 
 
 def test_second_file_adds_only_its_own_shards(tmp_path: Path, small: Settings) -> None:

@@ -242,3 +242,31 @@ def test_a_shard_being_exported_elsewhere_keeps_its_last_export(released):
         again = publish_release(pipeline)
     assert again.rows == first.rows and again.excluded == {}
     assert again.files_written == []
+
+
+def test_shards_fetched_before_the_takedown_index_are_indexed_once(released):
+    """The takedown index is what matching reads; a shard fetched before it existed is indexed
+    from its fetch.parquet the first time a takedown is matched, and then never read again."""
+    settings, shard_ids, report = released
+    rows = release_table(report).to_pylist()
+    target = rows[0]
+    with Pipeline.open(settings) as pipeline:
+        index = TakedownIndex(pipeline.state.engine)
+        assert index.unindexed_fetches("fetch.parquet") == {}  # fetch indexed as it published
+        with pipeline.state.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM fetched_images"))
+            conn.execute(sa.text("DELETE FROM fetched_images_indexed"))
+        assert set(index.unindexed_fetches("fetch.parquet")) == set(shard_ids)
+        # the URL as a person would paste it: scheme and host in capitals
+        parts = urlsplit(target["url"])
+        origin = f"{parts.scheme}://{parts.netloc}"
+        shouted = target["url"].replace(origin, origin.upper())
+        request_id = request_takedown(pipeline, [shouted], [])
+        after = publish_release(pipeline)
+        assert index.unindexed_fetches("fetch.parquet") == {}
+        audit = index.get(request_id)
+    kept = {row["face_id"] for row in release_table(after).to_pylist()}
+    gone = {row["face_id"] for row in rows if row["image_sha256"] == target["image_sha256"]}
+    assert gone and not gone & kept
+    assert kept == {row["face_id"] for row in rows} - gone
+    assert audit.urls == [shouted] and audit.matched["sha256s"] == [target["image_sha256"]]

@@ -19,6 +19,7 @@ from support.samplesite import Route, SampleSite
 from facecaption.core.pipeline import Pipeline
 from facecaption.core.store import PARTIAL_MARKER
 from facecaption.core.writers import read_webdataset
+from facecaption.plan.sources import SourceChangedError
 
 
 @pytest.fixture
@@ -73,11 +74,12 @@ def test_missing_artifact_makes_a_done_stage_run_again(one_shard):
 
 def test_a_stage_error_marks_the_attempt_failed_and_keeps_the_message(one_shard):
     pipeline, shard_id, source = one_shard
-    source.unlink()
-    with pytest.raises(FileNotFoundError):
+    source.unlink()  # a vanished source: a permanent error, with what to do
+    with pytest.raises(SourceChangedError, match="file not found"):
         pipeline.run("fetch", shard_id)
     state = pipeline.state.get_stage(shard_id, "fetch")
-    assert state.status == "failed" and "FileNotFoundError" in state.last_error
+    assert state.status == "failed" and "SourceChangedError" in state.last_error
+    assert "put the file back" in state.last_error
     assert [e["event"] for e in pipeline.state.events(shard_id, "fetch")] == ["started", "failed"]
     store = pipeline.store
     assert not store.exists(store.shard_path(shard_id, "fetch.tar"))

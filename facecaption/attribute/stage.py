@@ -22,12 +22,12 @@ from PIL import Image
 from facecaption.attribute.backends.onnx import OnnxAttributeModel
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES, label_set
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, ATTRIBUTES_SCHEMA, FACES_TAR
-from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import iter_webdataset, write_parquet
 from facecaption.models.identity import attribute_identity
 from facecaption.models.locate import attribute_model_file
 from facecaption.settings import Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard
 
 
 def face_crops(tar_file: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
@@ -58,15 +58,14 @@ class AttributeStage:
     version = "1"
     artifact_names = (ATTRIBUTES_PARQUET,)
 
-    def fingerprint_inputs(
-        self, shard: Shard, settings: Settings, state: ShardState
-    ) -> dict[str, Any]:
-        upstream = upstream_checksums(state, shard.shard_id, "detect")  # first: inputs exist
+    def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {
-            "detect": upstream,
             "settings": settings.attribute.output_settings(),
             "model": attribute_identity(settings),
         }
+
+    def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
+        return {"detect": upstream_checksums(inputs, shard.shard_id, "detect")}
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.attribute

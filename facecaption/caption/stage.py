@@ -46,11 +46,11 @@ from facecaption.caption.rewriters import (
     load_rewriter,
 )
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, CAPTIONS_PARQUET, CAPTIONS_SCHEMA
-from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import write_parquet
 from facecaption.models.identity import caption_identity
 from facecaption.settings import CaptionSettings, Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard
 
 PROMPTS_PER_CALL = 256  # faces handed to the rewriter at once (it batches further inside)
 NGRAM = 4
@@ -87,15 +87,15 @@ class CaptionStage:
     version = "2"  # 2: rewrite_error, caption caps, the retry asks differently
     artifact_names = (CAPTIONS_PARQUET,)
 
-    def fingerprint_inputs(
-        self, shard: Shard, settings: Settings, state: ShardState
-    ) -> dict[str, Any]:
+    def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {
-            "attribute": upstream_checksums(state, shard.shard_id, "attribute"),
             "settings": settings.caption.output_settings(),
             "grammar": grammar_for(settings.caption).fingerprint,
             "model": caption_identity(settings),
         }
+
+    def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
+        return {"attribute": upstream_checksums(inputs, shard.shard_id, "attribute")}
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.caption

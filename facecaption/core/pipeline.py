@@ -14,19 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from facecaption.core.errors import PermanentError
-from facecaption.core.runner import (
-    RETRYABLE,
-    StageOutcome,
-    current_fingerprint,
-    run_stage,
-)
+from facecaption.core.fingerprints import Fingerprints
+from facecaption.core.runner import RETRYABLE, StageOutcome, run_stage
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactStore
 from facecaption.plan.planner import PlanReport, plan_sources
 from facecaption.settings import Settings
-from facecaption.state import ShardState, StageState, UnknownShardError, open_state
+from facecaption.state import Shard, ShardState, StageState, UnknownShardError, open_state
+from facecaption.state.shards import STATUSES, ShardFilter
 
 WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
+WORK_PARTS = ("pending", "retryable", "stale")  # what `work` means
 
 
 class PlanError(PermanentError, ValueError):
@@ -55,6 +53,17 @@ class ShardStatusRow:
     source: str
     rows: int
     stages: dict[str, StageState]
+
+
+@dataclass(frozen=True)
+class StatusPage:
+    """One page of shard status: its rows, how many shards the filter matched and how many
+    are registered, and per stage over all shards: shards by status and summed counts."""
+
+    rows: list[ShardStatusRow]
+    matched: int
+    registered: int
+    totals: dict[str, dict[str, Any]]
 
 
 class Pipeline:
@@ -91,20 +100,32 @@ class Pipeline:
         """Explicit shard ids (checked to exist), else the shards of `sources` (planned now),
         else every registered shard. All or nothing: PlanError when a source could not be
         planned (`select_work` plans what it can and reports the rest)."""
-        selection = self._choose(sources, shard_ids)
-        if selection.plan_errors:
-            raise PlanError(selection.plan_error_text())
-        return selection.shard_ids
+        shards, plan_errors = self._chosen_shards(sources, shard_ids)
+        if plan_errors:
+            raise PlanError(WorkSelection([], plan_errors).plan_error_text())
+        return [shard.shard_id for shard in shards]
 
-    def _choose(self, sources: list[str] | None, shard_ids: list[str] | None) -> WorkSelection:
+    def _chosen_shards(
+        self, sources: list[str] | None = None, shard_ids: list[str] | None = None
+    ) -> tuple[list[Shard], dict[str, str]]:
+        """The chosen shards in planning order, and the sources that could not be planned."""
         if shard_ids:
-            for shard_id in shard_ids:
-                self.state.get_shard(shard_id)
-            return WorkSelection(list(dict.fromkeys(shard_ids)))
+            wanted = list(dict.fromkeys(shard_ids))
+            found = {shard.shard_id: shard for shard in self.state.list_shards(shard_ids=wanted)}
+            missing = [shard_id for shard_id in wanted if shard_id not in found]
+            if missing:
+                raise UnknownShardError(
+                    f"no shard {missing[0]!r} is registered; run `facecaption plan`"
+                    + (f" ({len(missing)} unknown shard ids)" if len(missing) > 1 else "")
+                )
+            return [found[shard_id] for shard_id in wanted], {}
         if sources:
             report = self.plan(sources)
-            return WorkSelection(report.shard_ids, dict(report.errors))
-        return WorkSelection([shard.shard_id for shard in self.state.list_shards()])
+            planned = {source.source_id for source in report.sources}
+            by_id = {s.shard_id: s for s in self.state.list_shards(source_ids=list(planned))}
+            shards = [by_id[shard_id] for shard_id in dict.fromkeys(report.shard_ids)]
+            return shards, dict(report.errors)
+        return self.state.list_shards(), {}
 
     def select_work(
         self,
@@ -114,6 +135,7 @@ class Pipeline:
         stages: list[str] | None = None,
         status: str = "all",
         max_shards: int | None = None,
+        after: str | None = None,
     ) -> WorkSelection:
         """Shards (chosen as `select_shards` does, but a source that cannot be planned is
         reported in `plan_errors` instead of raised) with work in `stages` that matches
@@ -125,6 +147,11 @@ class Pipeline:
         stale      some stage done, but its inputs, settings or model changed since
         retryable  some stage done with work to try again (fetch rows that timed out, ...)
         work       any of pending, stale or retryable: what a refresh runs
+
+        At most `max_shards`, and only shards after the shard id `after` in the chosen order:
+        a caller working through more shards than one run takes (Airflow's max_map_length)
+        passes the last shard of one chunk as `after` of the next. The query count does not
+        grow with the shards: their stages and takedown matches are read in one query each.
         """
         if status not in WORK_STATUSES:
             raise ValueError(f"status must be one of {', '.join(WORK_STATUSES)}")
@@ -132,44 +159,27 @@ class Pipeline:
         unknown = set(stages) - set(self.stage_names)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; known: {self.stage_names}")
-        selection = self._choose(sources, shard_ids)
-        chosen = selection.shard_ids
-        if status != "all":
-            states = {(s.shard_id, s.stage): s for s in self.state.stage_table(chosen)}
-            shards = {shard.shard_id: shard for shard in self.state.list_shards()}
-            registry = stage_registry()
-
-            def stale(shard_id: str, stage: str, state: StageState) -> bool:
-                try:
-                    wanted = current_fingerprint(
-                        registry[stage], shards[shard_id], self.settings, self.state
-                    )
-                except StageInputError:
-                    return False  # its input is not done: the earlier stage is the stale one
-                return wanted != state.fingerprint
-
-            def matches(shard_id: str, stage: str, one: str) -> bool:
-                state = states.get((shard_id, stage))
-                current = state.status if state else "pending"
-                if one == "work":
-                    return any(
-                        matches(shard_id, stage, s) for s in ("pending", "retryable", "stale")
-                    )
-                if one == "pending":
-                    return current != "done"
-                if one == "failed":
-                    return current == "failed"
-                if current != "done":
-                    return False
-                if one == "retryable":
-                    return bool(state.counts.get(RETRYABLE, 0))
-                return stale(shard_id, stage, state)
-
-            chosen = [
-                shard_id for shard_id in chosen
-                if any(matches(shard_id, stage, status) for stage in stages)
-            ]  # fmt: skip
-        return WorkSelection(chosen[:max_shards] if max_shards else chosen, selection.plan_errors)
+        chosen, plan_errors = self._chosen_shards(sources, shard_ids)
+        if after is not None:
+            position = next((i for i, s in enumerate(chosen) if s.shard_id == after), None)
+            if position is None:
+                raise UnknownShardError(f"shard {after!r} (after) is not among the chosen shards")
+            chosen = chosen[position + 1 :]
+        if status == "all":
+            return WorkSelection([s.shard_id for s in chosen[: max_shards or None]], plan_errors)
+        everything = not (sources or shard_ids or after)
+        fingerprints = Fingerprints.prefetch(
+            self.settings, self.state, stage_registry(),
+            None if everything else [shard.shard_id for shard in chosen],
+            takedowns="export" in stages and status in ("stale", "work"),
+        )  # fmt: skip
+        selected: list[str] = []
+        for shard in chosen:
+            if max_shards and len(selected) >= max_shards:
+                break
+            if any(_has_work(fingerprints, shard, stage, status) for stage in stages):
+                selected.append(shard.shard_id)
+        return WorkSelection(selected, plan_errors)
 
     def run(
         self, stage: str, shard_id: str, *, force: bool = False, retry_transient: bool = False
@@ -179,29 +189,103 @@ class Pipeline:
             force=force, retry_transient=retry_transient,
         )  # fmt: skip
 
-    def status(self, shard_ids: list[str] | None = None) -> list[ShardStatusRow]:
-        shards = self.state.list_shards()
+    def status(
+        self,
+        shard_ids: list[str] | None = None,
+        *,
+        status: str = "",
+        stage: str = "",
+        contains: str = "",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[ShardStatusRow]:
+        """Shards x stages, in planning order: all shards, or `shard_ids` (each must exist),
+        or those whose id contains `contains` and that have a stage (`stage`, or any) in
+        `status`; `limit` and `offset` page through them. Three queries whatever the number
+        of shards."""
+        return self.status_page(
+            shard_ids, status=status, stage=stage, contains=contains, limit=limit, offset=offset,
+            totals=False,
+        ).rows  # fmt: skip
+
+    def status_page(
+        self,
+        shard_ids: list[str] | None = None,
+        *,
+        status: str = "",
+        stage: str = "",
+        contains: str = "",
+        limit: int | None = None,
+        offset: int = 0,
+        totals: bool = True,
+    ) -> StatusPage:
+        """`status` plus how many shards match the filter and are registered, and (with
+        `totals`) each stage's shards by status and summed counts over all shards, from SQL
+        aggregates (a page of the shard view; five queries)."""
+        if status and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        if stage and stage not in self.stage_names:
+            raise ValueError(f"unknown stage {stage!r}; known: {self.stage_names}")
+        shard_filter = ShardFilter(
+            shard_ids=tuple(dict.fromkeys(shard_ids)) if shard_ids is not None else None,
+            contains=contains,
+            status=status,
+            stages=(stage,) if stage else tuple(self.stage_names),
+        )
+        shards, matched, registered = self.state.filter_shards(shard_filter, limit, offset)
         if shard_ids is not None:
-            wanted = set(shard_ids)
-            missing = wanted - {shard.shard_id for shard in shards}
-            if missing:
+            missing = set(shard_filter.shard_ids or ()) - {s.shard_id for s in shards}
+            if missing and not (status or contains or limit is not None or offset):
                 raise UnknownShardError(f"unknown shards: {sorted(missing)}")
-            shards = [shard for shard in shards if shard.shard_id in wanted]
-        by_key = {(s.shard_id, s.stage): s for s in self.state.stage_table(shard_ids)}
-        return [
+        by_key = {
+            (s.shard_id, s.stage): s
+            for s in self.state.stage_table([shard.shard_id for shard in shards])
+        }
+        rows = [
             ShardStatusRow(
                 shard.shard_id,
                 shard.source_uri.rsplit("/", 1)[-1],
                 shard.num_rows,
                 {
-                    stage: by_key.get(
-                        (shard.shard_id, stage), StageState(shard.shard_id, stage, "pending")
+                    name: by_key.get(
+                        (shard.shard_id, name), StageState(shard.shard_id, name, "pending")
                     )
-                    for stage in self.stage_names
+                    for name in self.stage_names
                 },
             )
             for shard in shards
         ]
+        stage_totals = self.state.stage_totals(registered, self.stage_names) if totals else {}
+        return StatusPage(rows, matched, registered, stage_totals)
+
+
+def _has_work(fingerprints: Fingerprints, shard: Shard, stage: str, status: str) -> bool:
+    """Whether `stage` of `shard` matches a work status (see `Pipeline.select_work`)."""
+    if status == "work":
+        return any(_has_work(fingerprints, shard, stage, one) for one in WORK_PARTS)
+    state = fingerprints.inputs.find(shard.shard_id, stage)
+    current = state.status if state else "pending"
+    if status == "pending":
+        return current != "done"
+    if status == "failed":
+        return current == "failed"
+    if current != "done" or state is None:
+        return False
+    if status == "retryable":
+        return bool(state.counts.get(RETRYABLE, 0))
+    try:
+        wanted = fingerprints.current(stage, shard)
+    except StageInputError:
+        return False  # its input is not done: the earlier stage is the stale one
+    return wanted != state.fingerprint
+
+
+def chunked(shard_ids: list[str], size: int) -> list[list[str]]:
+    """`shard_ids` in consecutive chunks of at most `size` (a run's or a mapped task's
+    share of a selection larger than Airflow's max_map_length)."""
+    if size < 1:
+        raise ValueError("chunk size must be at least 1")
+    return [shard_ids[start : start + size] for start in range(0, len(shard_ids), size)]
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,14 @@ An exception marks the attempt `failed` with its message and is raised again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from facecaption.core.fingerprints import LiveStageInputs, current_fingerprint
 from facecaption.core.stage import Stage, StageContext, stage_registry
 from facecaption.core.store import ArtifactStore
 from facecaption.settings import Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import ShardState
 from facecaption.state.dedup import ImageHashIndex
 from facecaption.state.shards import worker_name
 from facecaption.state.takedowns import TakedownIndex
@@ -50,20 +49,6 @@ class StageOutcome:
             "attempt": self.attempt,
             "counts": self.counts,
         }
-
-
-def fingerprint(stage: Stage, inputs: dict[str, Any]) -> str:
-    payload = json.dumps(
-        {"stage": stage.name, "version": stage.version, "inputs": inputs},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def current_fingerprint(stage: Stage, shard: Shard, settings: Settings, state: ShardState) -> str:
-    """The fingerprint the stage would record if it ran on this shard now."""
-    return fingerprint(stage, stage.fingerprint_inputs(shard, settings, state))
 
 
 def get_stage(name: str) -> Stage:
@@ -94,7 +79,7 @@ def run_stage(
     shard = state.get_shard(shard_id)
     with state.claim(shard_id, stage.name):
         current = state.get_stage(shard_id, stage.name)
-        wanted = current_fingerprint(stage, shard, settings, state)
+        wanted = current_fingerprint(stage, shard, settings, LiveStageInputs(state))
         reusable = (
             current.fingerprint == wanted
             and bool(current.artifacts)
@@ -126,8 +111,9 @@ def run_stage(
             raise
         artifacts = {name: ref.as_json() for name, ref in result.artifacts.items()}
         state.mark_done(
-            shard_id, stage.name, attempt, result.counts, artifacts, wanted, result.warnings
-        )
+            shard_id, stage.name, attempt, result.counts, artifacts, wanted, result.warnings,
+            stats=result.stats,
+        )  # fmt: skip
         return StageOutcome(
             shard_id, stage.name, "done", attempt, result.counts, artifacts, result.warnings
         )

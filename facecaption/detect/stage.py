@@ -31,14 +31,14 @@ from PIL import Image
 
 from facecaption.core.artifacts import FACES_PARQUET, FACES_SCHEMA, FACES_TAR, FETCH_TAR
 from facecaption.core.imaging import ImageDecodeError, UprightImage, decode_upright, upright_to_raw
-from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.detect.align import align_face
 from facecaption.detect.backends import load_detector
 from facecaption.detect.backends.base import FaceDetection, FaceDetector
 from facecaption.models.identity import detector_identity
 from facecaption.settings import DetectSettings, Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard
 
 MIN_INSIDE_FRACTION = 0.8
 BATCH_PIXEL_BUDGET = 64_000_000  # decoded pixels held at once, whatever the batch size
@@ -96,14 +96,11 @@ class DetectStage:
     version = "2"
     artifact_names = (FACES_TAR, FACES_PARQUET)
 
-    def fingerprint_inputs(
-        self, shard: Shard, settings: Settings, state: ShardState
-    ) -> dict[str, Any]:
-        return {
-            "fetch": upstream_checksums(state, shard.shard_id, "fetch"),
-            "settings": settings.detect.output_settings(),
-            "model": detector_identity(settings),
-        }
+    def settings_inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"settings": settings.detect.output_settings(), "model": detector_identity(settings)}
+
+    def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
+        return {"fetch": upstream_checksums(inputs, shard.shard_id, "fetch")}
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.detect

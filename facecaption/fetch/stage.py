@@ -38,13 +38,19 @@ from facecaption.core.artifacts import (
     FETCH_TAR,
 )
 from facecaption.core.imaging import EXTENSIONS, check_image
-from facecaption.core.stage import DedupIndex, StageContext, StageResult
+from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageResult
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.fetch.web.downloader import Downloader, retry_later
 from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
-from facecaption.plan.sources import UnreadableRows, cell_text, cell_values, iter_rows
+from facecaption.plan.sources import (
+    UnreadableRows,
+    cell_text,
+    cell_values,
+    iter_rows,
+    verify_source,
+)
 from facecaption.settings import FetchSettings, Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard
 from facecaption.state.takedowns import TakedownIndex
 
 WORKERS_PER_CONNECTION = 4
@@ -66,6 +72,8 @@ class SourceRow:
 
 
 def shard_rows(shard: Shard) -> Iterator[SourceRow]:
+    """The shard's source rows; SourceChangedError if the file changed since planning."""
+    verify_source(shard.source_uri, shard.source_id, shard.source_version)
     row = shard.row_start
     for part in iter_rows(shard.source_uri, shard.columns, shard.row_start, shard.row_end):
         if isinstance(part, UnreadableRows):
@@ -121,14 +129,14 @@ class FetchStage:
     version = "2"
     artifact_names = (FETCH_TAR, FETCH_PARQUET)
 
-    def fingerprint_inputs(
-        self, shard: Shard, settings: Settings, state: ShardState
-    ) -> dict[str, Any]:
+    def settings_inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"settings": settings.fetch.output_settings()}
+
+    def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
         return {
             "source_id": shard.source_id,
             "rows": [shard.row_start, shard.row_end],
             "columns": shard.columns,
-            "settings": settings.fetch.output_settings(),
         }
 
     def run(self, context: StageContext) -> StageResult:
@@ -153,6 +161,9 @@ class FetchStage:
         with store.publish(parquet_path) as tmp_parquet:
             write_parquet(records, FETCH_SCHEMA, tmp_parquet)
             parquet_ref = store.describe(parquet_path, tmp_parquet)
+        if context.takedowns is not None:  # takedowns are matched against this index
+            images = kept_images(records)
+            context.takedowns.index_fetched(shard.shard_id, parquet_ref.sha256, images)
         statuses = Counter(record["status"] for record in records)
         return StageResult(
             counts={
@@ -284,6 +295,16 @@ def drop_taken_down_images(records: list[dict[str, Any]], takedowns: TakedownInd
     for record in records:
         if record["status"] == "ok" and record["sha256"] in blocked:
             record.update(status="taken_down", error="image sha256 under a takedown request")
+
+
+def kept_images(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """`(key, url, sha256)` of the records whose image was kept (ok, or a duplicate of one):
+    what the takedown index holds."""
+    return [
+        (record["key"], record["url"], record["sha256"])
+        for record in records
+        if record["status"] in FETCH_KEPT and record["url"] and record["sha256"]
+    ]
 
 
 def mark_duplicates(records: list[dict[str, Any]], shard_id: str, dedup: DedupIndex) -> None:

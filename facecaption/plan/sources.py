@@ -1,9 +1,14 @@
-"""Source parquet files: identity, column resolution and bounded-memory row reads.
+"""Source parquet files: identity, versions, column resolution and bounded-memory row reads.
 
 A source is identified by the sha256 of its bytes, so the same file planned from another path
-is the same source, and an edited file is a new one. Rows are never loaded all at once:
-planning reads only the footer, and a shard reads only the row groups that cover its range,
-in batches, keeping just the columns it needs.
+is the same source. Hashing reads the whole file, so it is done once per file version: what
+the filesystem says about a file without reading it (size, mtime, ETag... see `stat_source`)
+is recorded with the hash, and a file whose version is unchanged is the same source without
+reading a byte. A file changed in place after it was planned is refused
+(`SourceChangedError`), at planning and before a shard's rows are read: its shards' ids name
+the old content. Rows are never loaded all at once: planning reads only the footer, and a
+shard reads only the row groups that cover its range, in batches, keeping just the columns it
+needs.
 
 Source files are outside data. A file that cannot be used at all (not parquet, cut short, no
 url column, a url column that cannot hold text or holds no value) is a `SourceError` when it
@@ -15,26 +20,45 @@ Python strings even when their bytes are not UTF-8 (see `cell_values`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from facecaption.core.errors import PermanentError
 from facecaption.settings import SourceColumns
+from facecaption.state.shards import SourceVersion
 
 _HASH_CHUNK = 8 << 20
 _BATCH_ROWS = 4096
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
+# What filesystems report that changes when a file's content does (fsspec `info` keys): the
+# modification time, and content checksums or version ids (S3, GCS, Azure, HTTP, HF Hub).
+_MODIFIED_KEYS = ("LastModified", "Last-Modified", "last_modified", "updated", "mtime")
+_ETAG_KEYS = (
+    "ETag", "etag", "md5Hash", "crc32c", "Content-MD5", "Digest", "generation", "VersionId",
+    "version_id", "blob_id",
+)  # fmt: skip
+
+
 class SourceError(PermanentError, ValueError):
     """A source file cannot be used as it is (unreadable, not parquet, required column missing)."""
+
+
+class SourceChangedError(SourceError):
+    """A planned source file changed (or vanished) after planning: its shards' ids name rows
+    it no longer holds."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +81,19 @@ class UnreadableRows:
 
 
 def expand_source_uris(uris: list[str]) -> list[str]:
-    """Files as given; a folder or glob becomes the parquet files in it, sorted."""
+    """Files as given; a folder or glob becomes the parquet files in it, sorted. Asks the
+    filesystem what a path is (HTTP: a HEAD), never lists a file (HTTP: a whole GET)."""
     expanded: list[str] = []
     for uri in uris:
         try:
             fs, path = fsspec.core.url_to_fs(uri)
-            if fs.isdir(path):
+            try:
+                kind = fs.info(path).get("type")
+            except (FileNotFoundError, OSError):
+                kind = None  # a glob, or a file the planner reports as not found
+            if kind == "directory":
                 found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-            elif any(ch in path for ch in "*?["):
+            elif kind is None and any(ch in path for ch in "*?["):
                 found = sorted(fs.glob(path))
             else:
                 expanded.append(uri)
@@ -132,15 +161,97 @@ def _check_urls(metadata: pq.FileMetaData, schema: pa.Schema, url: str) -> None:
         raise SourceError(f"the url column {url!r} is null in all {metadata.num_rows} rows")
 
 
-def inspect_source(uri: str, candidates: SourceColumns) -> SourceFile:
-    """Identify a source file and resolve its columns, reading its bytes once in chunks."""
+def stat_source(uri: str) -> SourceVersion:
+    """What the filesystem says about a file without reading it. A local file's version is
+    its size, mtime, ctime and inode (ctime catches an edit whose mtime was put back);
+    an object store's is its size, modification time and ETag/checksum/generation."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if isinstance(fs, LocalFileSystem):
+            stat = os.stat(path)
+            if not os.path.isfile(path):
+                raise SourceError(f"{uri}: not a file")
+            modified = f"mtime_ns={stat.st_mtime_ns};ctime_ns={stat.st_ctime_ns}"
+            return SourceVersion(stat.st_size, modified, f"inode={stat.st_ino}")
+        info = fs.info(path)
+    except FileNotFoundError as error:
+        raise SourceError(f"{uri}: file not found") from error
+    except OSError as error:
+        raise SourceError(f"{uri}: cannot be read ({error})") from error
+    size = info.get("size")
+    return SourceVersion(
+        int(size) if isinstance(size, int | float) else None,
+        _version_fields(info, _MODIFIED_KEYS),
+        _version_fields(info, _ETAG_KEYS),
+    )
+
+
+def _version_fields(info: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    found = [f"{key}={info[key]}" for key in keys if info.get(key) not in (None, "")]
+    return ";".join(found) or None
+
+
+def content_sha256(uri: str, version: SourceVersion | None = None) -> str:
+    """The sha256 of a file's bytes, read once in chunks; memoised per process for a
+    comparable `version` (the shards of one file check it once)."""
+    if version is not None and version.comparable:
+        return _content_sha256_of_version(uri, version)
+    return _content_sha256(uri)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_sha256_of_version(uri: str, version: SourceVersion) -> str:
+    return _content_sha256(uri)
+
+
+def _content_sha256(uri: str) -> str:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         digest = hashlib.sha256()
         with fs.open(path, "rb") as handle:
             while chunk := handle.read(_HASH_CHUNK):
                 digest.update(chunk)
-            size = handle.tell()
+    except FileNotFoundError as error:
+        raise SourceError(f"{uri}: file not found") from error
+    except OSError as error:
+        raise SourceError(f"{uri}: cannot be read ({error})") from error
+    return digest.hexdigest()
+
+
+def verify_source(uri: str, source_id: str, planned: SourceVersion | None) -> None:
+    """Refuse (SourceChangedError) a file that no longer holds the content it was planned
+    with: a different size says so at once; an unchanged version says it has not changed;
+    anything else is settled by hashing it (a file touched but not edited passes)."""
+    try:
+        now = stat_source(uri)
+    except SourceError as error:
+        raise SourceChangedError(
+            f"{error}: source {source_id[:12]} was planned from it and its shards cannot be"
+            " read; put the file back, or plan its new location"
+        ) from error
+    if planned is not None and now.same_as(planned):
+        return
+    size_changed = planned is not None and None not in (planned.size, now.size)
+    if (size_changed and planned.size != now.size) or content_sha256(uri, now) != source_id:
+        raise SourceChangedError(changed_message(uri, source_id))
+
+
+def changed_message(uri: str, source_id: str) -> str:
+    return (
+        f"{uri} changed after it was planned as source {source_id[:12]}: its shards' ids name"
+        " rows the file no longer holds, so they are not read. Put the original file back,"
+        " or write the new content under a new file name and plan that"
+    )
+
+
+def inspect_source(
+    uri: str, candidates: SourceColumns, version: SourceVersion | None = None
+) -> SourceFile:
+    """Identify a source file and resolve its columns, reading its bytes once in chunks."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        source_id = content_sha256(uri, version)
+        size = version.size if version and version.size is not None else fs.size(path)
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
             schema = metadata.schema.to_arrow_schema()
@@ -156,7 +267,7 @@ def inspect_source(uri: str, candidates: SourceColumns) -> SourceFile:
     return SourceFile(
         uri=uri,
         name=path.rsplit("/", 1)[-1],
-        source_id=digest.hexdigest(),
+        source_id=source_id,
         size_bytes=size,
         num_rows=metadata.num_rows,
         columns=columns,

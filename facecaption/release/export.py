@@ -11,6 +11,9 @@ the model ids, the fingerprint of this export and a license note. With
 Rows under a takedown (their URL or image sha256 was requested, or they were matched by the
 takedown DAG) are left out; the fingerprint covers the recorded matches, so a takedown makes
 exactly the affected shards stale. `facecaption.release.publish` assembles shard exports into files.
+
+The export also works out the shard's statistics for the dataset report once
+(`facecaption.release.stats`); they are stored with its state, not as an artifact.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from facecaption.core.artifacts import (
     RELEASE_SCHEMA,
     TRAIN_TAR,
 )
-from facecaption.core.stage import StageContext, StageResult, upstream_checksums
+from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
+from facecaption.release.stats import shard_stats
 from facecaption.settings import Settings
-from facecaption.state import Shard, ShardState
+from facecaption.state import Shard
 from facecaption.state.takedowns import TakedownIndex
 
 
@@ -68,20 +72,17 @@ class ExportStage:
     version = "1"
     artifact_names = (RELEASE_PARQUET,)  # + TRAIN_TAR with export.training_shards
 
-    def fingerprint_inputs(
-        self, shard: Shard, settings: Settings, state: ShardState
-    ) -> dict[str, Any]:
-        inputs = {
-            stage: upstream_checksums(state, shard.shard_id, stage)
+    def settings_inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"settings": settings.export.output_settings()}
+
+    def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
+        upstream = {
+            stage: upstream_checksums(inputs, shard.shard_id, stage)
             for stage in ("fetch", "detect", "attribute", "caption")
         }
         if not settings.export.training_shards:
-            inputs["detect"].pop(FACES_TAR, None)  # crops matter only to training shards
-        return {
-            **inputs,
-            "settings": settings.export.output_settings(),
-            "takedowns": TakedownIndex(state.engine).shard_matches(shard.shard_id),
-        }
+            upstream["detect"].pop(FACES_TAR, None)  # crops matter only to training shards
+        return {**upstream, "takedowns": inputs.takedown_matches(shard.shard_id)}
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.export
@@ -137,7 +138,10 @@ class ExportStage:
                     rows, crops, tmp_tar, limits.jpeg_quality
                 )
                 artifacts[TRAIN_TAR] = store.describe(tar_path, tmp_tar)
-        return StageResult(counts=dict(sorted(counts.items())), artifacts=artifacts)
+        stats = shard_stats(
+            store, shard.shard_id, [row["face_id"] for row in rows], limits.quality_crops_per_shard
+        )
+        return StageResult(counts=dict(sorted(counts.items())), artifacts=artifacts, stats=stats)
 
 
 def release_row(

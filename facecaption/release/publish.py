@@ -13,10 +13,10 @@ inputs: a changed file gets a new name, the manifest is published after every fi
 and files it no longer names are removed last, so a reader holding either manifest finds all
 of its files.
 
-Before assembling, an export matches pending takedown requests against every fetched row (by
-URL, by sha256, and by the sha256 of a requested URL's image, which finds the same picture
-under other URLs), re-exports exactly the affected shards and records, per request, when it
-was applied and which files changed.
+Before assembling, an export matches pending takedown requests against the index of fetched
+images (by URL, by sha256, and by the sha256 of a requested URL's image, which finds the same
+picture under other URLs; all requests in one statement, no artifact read), re-exports exactly
+the affected shards and records, per request, when it was applied and which files changed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from facecaption.core.artifacts import (
     TRAIN_TAR,
 )
 from facecaption.core.stage import StageInputError
-from facecaption.release.takedowns import match_takedown
+from facecaption.release.takedowns import match_pending_takedowns
 from facecaption.state import ShardBusyError
 from facecaption.state.exports import record_export
 from facecaption.state.takedowns import TakedownIndex
@@ -97,8 +97,8 @@ def publish_release(pipeline: Pipeline) -> ReleaseReport:
     and publish the release files and manifest; record the export in the state DB."""
     with pipeline.state.claim(*RELEASE_LOCK):
         takedowns = TakedownIndex(pipeline.state.engine)
-        pending = [r.request_id for r in takedowns.list() if r.applied_at is None]
-        matched = {request_id: match_takedown(pipeline, request_id) for request_id in pending}
+        matched = match_pending_takedowns(pipeline)
+        pending = list(matched)
         exported, excluded = export_shards(pipeline)
         previous = read_manifest(pipeline) or {"files": [], "training_shards": [], "version": 0}
         report = _assemble(pipeline, exported, excluded, previous, takedowns.request_ids())

@@ -8,16 +8,15 @@ resolution distributions, attribute and category frequencies, caption lengths, d
 quality of a sample of released crops, and per-stage throughput from the attempt history.
 
 Counts come from the state DB (the same numbers `facecaption status --json` sums); the
-distributions are read from the shard artifacts column by column, one shard at a time. The
-numbers are also embedded as JSON (`<script type="application/json" id="report-data">`).
+distributions are merged from the statistics each shard's export stored once
+(`facecaption.release.stats`), so writing the report reads no shard artifact and costs the
+same few queries at 5,000 shards as at 5. The numbers are also embedded as JSON
+(`<script type="application/json" id="report-data">`).
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import html
-import io
 import json
 import math
 from collections import Counter
@@ -25,24 +24,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from facecaption.attribute.labels import CATEGORIES, CELEBA_ATTRIBUTES
-from facecaption.caption.stage import ngrams, words
+from facecaption.attribute.labels import CATEGORIES
 from facecaption.core.artifacts import (
-    ATTRIBUTES_PARQUET,
-    CAPTIONS_PARQUET,
-    FACES_PARQUET,
-    FACES_TAR,
     FETCH_KEPT,
-    FETCH_PARQUET,
     FETCH_POLICY,
     RELEASE_DIR,
     RELEASE_PARQUET,
     REPORT_NAME,
 )
 from facecaption.core.store import ArtifactStore
-from facecaption.core.writers import iter_webdataset
+from facecaption.release.stats import (
+    BRISQUE_BINS,
+    SIDE_BINS,
+    STATS_FORMAT,
+    WORD_BINS,
+    histogram,
+    merge_stats,
+    shard_stats,
+)
 from facecaption.state.history import stage_throughput
 
 if TYPE_CHECKING:
@@ -66,28 +65,6 @@ FUNNEL_LABELS = {
     "captioned": "faces captioned",
     "released": "rows released",
 }
-SIDE_BINS = [0, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, math.inf]
-WORD_BINS = [0, 10, 20, 30, 40, 50, 60, 80, 100, 150, math.inf]
-BRISQUE_BINS = [-math.inf, 0, 10, 20, 30, 40, 50, 60, 80, math.inf]
-MAX_NGRAM_CAPTIONS = 200_000  # distinct 4-grams are counted over at most this many captions
-
-
-def _sum_counts(states: list[Any], stage: str) -> Counter[str]:
-    total: Counter[str] = Counter()
-    for state in states:
-        if state.stage == stage and state.status == "done":
-            total.update({k: v for k, v in state.counts.items() if isinstance(v, int)})
-    return total
-
-
-def _histogram(values: list[float], edges: list[float]) -> list[int]:
-    """Counts per bin [edges[i], edges[i + 1])."""
-    counts = [0] * (len(edges) - 1)
-    for value in values:
-        index = bisect.bisect_right(edges, value) - 1
-        if 0 <= index < len(counts):
-            counts[index] += 1
-    return counts
 
 
 def _bin_labels(edges: list[float]) -> list[str]:
@@ -97,25 +74,20 @@ def _bin_labels(edges: list[float]) -> list[str]:
     return [f"{fmt(a)}–{fmt(b)}" for a, b in zip(edges, edges[1:], strict=False)]
 
 
-def _sampled(face_id: str, fraction: float) -> bool:
-    digest = int.from_bytes(hashlib.sha256(face_id.encode()).digest()[:8], "big")
-    return digest / 2**64 < fraction
-
-
 def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
-    """Every number the report shows, as plain data."""
-    from facecaption.release.quality import BrisqueModelError, ImageTooSmallError, brisque_score
-
-    state, store = pipeline.state, pipeline.store
+    """Every number the report shows, as plain data: counts summed in SQL, distributions
+    merged from the statistics each shard's export stored (no shard artifact is read, except
+    once for a shard exported before statistics were kept). A fixed number of queries."""
+    state = pipeline.state
     max_crops = pipeline.settings.export.report_max_crops if max_crops is None else max_crops
-    shards = state.list_shards()
-    states = state.stage_table()
-    done = {(s.shard_id, s.stage) for s in states if s.status == "done"}
-    fetch, detect = _sum_counts(states, "fetch"), _sum_counts(states, "detect")
-    attribute, caption = _sum_counts(states, "attribute"), _sum_counts(states, "caption")
-    export = _sum_counts(states, "export")
+    shards, source_rows = state.shard_totals()
+    done = state.stage_totals(shards, pipeline.stage_names, status="done")
+    fetch, detect, attribute, caption, export = (
+        Counter(done.get(stage, {}).get("counts", {}))
+        for stage in ("fetch", "detect", "attribute", "caption", "export")
+    )
     funnel = {
-        "source": sum(shard.num_rows for shard in shards),
+        "source": source_rows,
         "fetched": sum(fetch.get(status, 0) for status in FETCH_KEPT),
         "with_faces": detect.get("images_with_faces", 0),
         "kept_faces": detect.get("faces_kept", 0),
@@ -128,111 +100,61 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
         for name in sorted(fetch)
         if name not in {"rows", "bytes", "fetched", "reused", "retryable"}
     }
-
-    image_sides: list[float] = []
-    face_sides: list[float] = []
-    labels: Counter[str] = Counter()
-    lengths: list[float] = []
-    fidelity: Counter[str] = Counter()
-    sources: Counter[str] = Counter()
-    grams: dict[str, set[tuple[str, ...]]] = {"template": set(), "llm": set()}
-    gram_captions = Counter[str]()
-    released_ids: list[tuple[str, str]] = []
-
-    def read(shard_id: str, name: str, columns: list[str]) -> list[dict[str, Any]]:
-        return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
-
-    for shard in shards:
-        sid = shard.shard_id
-        if (sid, "fetch") in done:
-            for row in read(sid, FETCH_PARQUET, ["status", "width", "height"]):
-                if row["status"] == "ok" and row["width"]:
-                    image_sides.append(min(row["width"], row["height"]))
-        if (sid, "detect") in done:
-            for row in read(sid, FACES_PARQUET, ["crop_width", "crop_height"]):
-                face_sides.append(min(row["crop_width"], row["crop_height"]))
-        if (sid, "attribute") in done:
-            for row in read(sid, ATTRIBUTES_PARQUET, ["kept", "valid_labels"]):
-                if row["kept"]:
-                    labels.update(row["valid_labels"])
-        if (sid, "caption") in done:
-            columns = ["raw_text", "caption", "caption_source", "fidelity", "word_count"]
-            for row in read(sid, CAPTIONS_PARQUET, columns):
-                lengths.append(row["word_count"])
-                fidelity[row["fidelity"]] += 1
-                sources[row["caption_source"]] += 1
-                texts = [("template", row["raw_text"])]
-                if row["caption_source"] == "llm":
-                    texts.append(("llm", row["caption"]))
-                for kind, text in texts:
-                    if gram_captions[kind] < MAX_NGRAM_CAPTIONS:
-                        gram_captions[kind] += 1
-                        grams[kind].update(ngrams(words(text)))
-        if (sid, "export") in done:
-            for row in read(sid, RELEASE_PARQUET, ["face_id"]):
-                released_ids.append((sid, row["face_id"]))
-
-    quality: list[float] = []
-    quality_note = ""
-    fraction = min(1.0, max_crops / len(released_ids)) if released_ids else 0.0
-    wanted: dict[str, set[str]] = {}
-    for sid, face_id in released_ids:
-        if _sampled(face_id, fraction):
-            wanted.setdefault(sid, set()).add(face_id.split("/", 1)[1])
-    try:
-        for sid, keys in wanted.items():
-            with store.open(store.shard_path(sid, FACES_TAR)) as handle:
-                for key, ext, payload in iter_webdataset(handle):
-                    if key in keys and ext != "json":
-                        with Image.open(io.BytesIO(payload)) as crop:
-                            try:
-                                score = brisque_score(crop)
-                            except ImageTooSmallError:
-                                continue
-                        if math.isfinite(score):
-                            quality.append(score)
-    except BrisqueModelError as error:
-        quality_note = str(error)
-
-    throughput = _throughput(pipeline)
+    merged = merge_stats(export_stats(pipeline).values(), max_crops)
+    quality = merged["quality_scores"]
     categories = {
-        category: sum(labels[name] for name in names) for category, names in CATEGORIES.items()
+        category: sum(merged["attributes"][name] for name in names)
+        for category, names in CATEGORIES.items()
     }
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "shards": len(shards),
+        "shards": shards,
+        "exported_shards": merged["shards"],
         "funnel": funnel,
         "paper_funnel": PAPER_FUNNEL,
         "fetch_statuses": statuses,
         "policy_statuses": sorted(FETCH_POLICY),
-        "image_min_side": {
-            "bins": _bin_labels(SIDE_BINS),
-            "counts": _histogram(image_sides, SIDE_BINS),
-        },
-        "face_min_side": {
-            "bins": _bin_labels(SIDE_BINS),
-            "counts": _histogram(face_sides, SIDE_BINS),
-        },
-        "attributes": {name: labels[name] for name in CELEBA_ATTRIBUTES},
+        "image_min_side": {"bins": _bin_labels(SIDE_BINS), "counts": merged["image_min_side"]},
+        "face_min_side": {"bins": _bin_labels(SIDE_BINS), "counts": merged["face_min_side"]},
+        "attributes": merged["attributes"],
         "categories": categories,
-        "caption_words": {"bins": _bin_labels(WORD_BINS), "counts": _histogram(lengths, WORD_BINS)},
-        "caption_sources": dict(sources),
-        "fidelity": dict(sorted(fidelity.items())),
-        "unique_4grams": {
-            kind: {"captions": gram_captions[kind], "unique_4grams": len(grams[kind])}
-            for kind in ("template", "llm")
-        },
+        "caption_words": {"bins": _bin_labels(WORD_BINS), "counts": merged["caption_words"]},
+        "caption_sources": merged["caption_sources"],
+        "fidelity": merged["fidelity"],
+        "unique_4grams": merged["unique_4grams"],
         "brisque": {
             "crops": len(quality),
-            "sampled_from": len(released_ids),
+            "sampled_from": merged["released"],
             "mean": sum(quality) / len(quality) if quality else None,
             "median": sorted(quality)[len(quality) // 2] if quality else None,
             "bins": _bin_labels(BRISQUE_BINS),
-            "counts": _histogram(quality, BRISQUE_BINS),
-            "note": quality_note,
+            "counts": histogram(quality, BRISQUE_BINS),
+            "note": merged["quality_note"],
         },
-        "throughput": throughput,
+        "throughput": _throughput(pipeline),
     }
+
+
+def export_stats(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
+    """Each exported shard's report statistics, as its export stored them. A shard exported
+    before statistics were kept (or in an older format) has them worked out from its
+    artifacts now, once, and stored."""
+    state, store = pipeline.state, pipeline.store
+    stats, missing = state.finished_stats("export")
+    for shard_id, stored in list(stats.items()):
+        if stored.get("format") != STATS_FORMAT:
+            del stats[shard_id]
+            missing[shard_id] = state.get_stage(shard_id, "export").attempt
+    for shard_id, attempt in sorted(missing.items()):
+        released = store.read_table(store.shard_path(shard_id, RELEASE_PARQUET), ["face_id"])
+        stats[shard_id] = shard_stats(
+            store,
+            shard_id,
+            released.column("face_id").to_pylist(),
+            pipeline.settings.export.quality_crops_per_shard,
+        )
+        state.record_stats(shard_id, "export", attempt, stats[shard_id])
+    return stats
 
 
 THROUGHPUT_UNITS = {
@@ -339,7 +261,8 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">Generated {html.escape(data["generated_at"])} from {data["shards"]}'
-        " shards. Counts come from the state DB; distributions from the shard artifacts.</p>",
+        " shards. Counts come from the state DB; distributions from the statistics stored by"
+        f" the export of each of the {data['exported_shards']} exported shards.</p>",
         "<h2>Funnel</h2>",
         _table(
             ["step", "count", "kept of previous", "FaceCaption-15M", "paper: kept of previous"],
@@ -392,8 +315,9 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
         "</div></div>",
         "<h2>Image quality (BRISQUE, lower is better)</h2>",
         f'<p class="note">{quality["crops"]} released crops scored (sampled from'
-        f" {quality['sampled_from']}); mean {_fmt(quality['mean'])}, median"
-        f" {_fmt(quality['median'])}. {html.escape(quality['note'])}</p>",
+        f" {quality['sampled_from']}: the first ones of each shard, chosen by face id);"
+        f" mean {_fmt(quality['mean'])}, median {_fmt(quality['median'])}."
+        f" {html.escape(quality['note'])}</p>",
         _bars(list(zip(quality["bins"], quality["counts"], strict=True)), "BRISQUE", "#72b7b2"),
         "<h2>Throughput (task time, from the attempt history)</h2>",
         _table(

@@ -1,53 +1,42 @@
-"""Takedowns reaching the release: recording a request, and finding every fetched row it
-covers (by URL, by sha256, and by the sha256 of a requested URL's image, which finds the same
-picture under other URLs). `publish.publish_release` applies pending requests first."""
+"""Takedowns reaching the release: recording a request, and finding every fetched row the
+pending requests cover (by URL, by sha256, and by the sha256 of a requested URL's image, which
+finds the same picture under other URLs) in the fetched-image index, all requests in one
+statement. `publish.publish_release` applies pending requests first.
+
+The fetch stage indexes the images it keeps as it publishes them; a shard fetched before the
+index existed is indexed once, from its `fetch.parquet`, the first time matching runs.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from facecaption.core.artifacts import FETCH_PARQUET
+from facecaption.fetch.stage import kept_images
 from facecaption.state.takedowns import TakedownIndex
 
 if TYPE_CHECKING:
     from facecaption.core.pipeline import Pipeline
 
 
-def match_takedown(pipeline: Pipeline, request_id: int) -> dict[str, Any]:
-    """Find every fetched row under a request (its URLs, its sha256s, and the sha256s of its
-    URLs' images) and record them; a summary of what matched."""
+def match_pending_takedowns(pipeline: Pipeline) -> dict[int, dict[str, Any]]:
+    """Record the matches of every request not applied yet; per request, a summary of what
+    matched (`rows`, `shards`, `sha256s`)."""
     takedowns = TakedownIndex(pipeline.state.engine)
-    request = takedowns.get(request_id)
-    urls, shas = set(request.urls), set(request.sha256s)
-    fetched = [s.shard_id for s in pipeline.state.stage_table() if s.stage == "fetch"]
-    fetched = [
-        shard for shard in fetched
-        if pipeline.store.exists(pipeline.store.shard_path(shard, FETCH_PARQUET))
-    ]  # fmt: skip
-    matches: dict[tuple[str, str], dict[str, Any]] = {}
+    index_unindexed_fetches(pipeline, takedowns)
+    return takedowns.match_pending()
 
-    def scan(shard_ids: list[str]) -> set[str]:
-        found_shas: set[str] = set()
-        for shard_id in shard_ids:
-            path = pipeline.store.shard_path(shard_id, FETCH_PARQUET)
-            rows = pipeline.store.read_table(path, ["key", "url", "sha256"]).to_pylist()
-            for row in rows:
-                if row["url"] in urls or (row["sha256"] and row["sha256"] in shas):
-                    matches[(shard_id, row["key"])] = {"shard_id": shard_id, **row}
-                    if row["sha256"]:
-                        found_shas.add(row["sha256"])
-        return found_shas
 
-    new_shas = scan(fetched) - shas
-    if new_shas:  # the same picture under URLs nobody named: find those rows too
-        shas |= new_shas
-        scan(fetched)
-    takedowns.add_matches(request_id, list(matches.values()))
-    return {
-        "rows": len(matches),
-        "shards": sorted({shard for shard, _ in matches}),
-        "sha256s": sorted(shas),
-    }
+def index_unindexed_fetches(pipeline: Pipeline, takedowns: TakedownIndex) -> list[str]:
+    """Index the kept images of shards fetched before the index existed (read once)."""
+    store = pipeline.store
+    unindexed = takedowns.unindexed_fetches(FETCH_PARQUET)
+    for shard_id, parquet_sha256 in unindexed.items():
+        rows = store.read_table(
+            store.shard_path(shard_id, FETCH_PARQUET), ["key", "url", "sha256", "status"]
+        ).to_pylist()
+        takedowns.index_fetched(shard_id, parquet_sha256, kept_images(rows))
+    return list(unindexed)
 
 
 def request_takedown(

@@ -7,6 +7,7 @@ from facecaption.state.shards import (
     ShardBusyError,
     ShardState,
     Source,
+    SourceVersion,
     StageState,
     UnknownShardError,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ShardBusyError",
     "ShardState",
     "Source",
+    "SourceVersion",
     "StageState",
     "StateDBError",
     "UnknownShardError",

@@ -46,6 +46,25 @@ class Source:
 
 
 @dataclass(frozen=True)
+class SourceVersion:
+    """What a filesystem said about a source file without reading it (size, modification
+    time, ETag or another version marker) when its content was hashed."""
+
+    size: int | None
+    modified: str | None
+    etag: str | None
+
+    @property
+    def comparable(self) -> bool:
+        """Whether it can tell a change: a size and at least one marker."""
+        return self.size is not None and (self.modified is not None or self.etag is not None)
+
+    def same_as(self, other: SourceVersion) -> bool:
+        """The same file version (so the same content as when it was hashed)."""
+        return self.comparable and self == other
+
+
+@dataclass(frozen=True)
 class Shard:
     shard_id: str
     source_id: str
@@ -54,6 +73,8 @@ class Shard:
     row_end: int
     source_uri: str
     columns: dict[str, str | None]
+    # the version of `source_uri` its content hash was taken at (None: not recorded)
+    source_version: SourceVersion | None = None
 
     @property
     def num_rows(self) -> int:
@@ -74,6 +95,17 @@ class StageState:
     last_error: str | None = None
     fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShardFilter:
+    """Which shards a status page shows: some ids (None: any), an id substring, and a status
+    one of `stages` is in (a stage without a row is pending)."""
+
+    shard_ids: tuple[str, ...] | None = None
+    contains: str = ""
+    status: str = ""
+    stages: tuple[str, ...] = ()
 
 
 def worker_name() -> str:
@@ -103,10 +135,45 @@ class ShardState:
             )
         return Source(**{k: row[k] for k in Source.__dataclass_fields__}) if row else None
 
-    def register_source(self, source: Source, shards: Sequence[tuple[str, int, int, int]]) -> int:
+    def find_source_file(self, uri: str) -> tuple[Source, SourceVersion] | None:
+        """The source a file was last hashed as, and the file's version then."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    sa.text(
+                        "SELECT src.*, f.size_bytes AS file_size, f.modified, f.etag"
+                        " FROM source_files f JOIN sources src USING (source_id)"
+                        " WHERE f.uri = :uri"
+                    ),
+                    {"uri": uri},
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        source = Source(**{k: row[k] for k in Source.__dataclass_fields__})
+        return source, SourceVersion(row["file_size"], row["modified"], row["etag"])
+
+    def sources_read_from(self, uri: str) -> list[str]:
+        """Ids of the sources whose shards read their rows from `uri`."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT source_id FROM sources WHERE uri = :uri ORDER BY 1"), {"uri": uri}
+            )
+            return [row.source_id for row in rows]
+
+    def register_source(
+        self,
+        source: Source,
+        shards: Sequence[tuple[str, int, int, int]],
+        version: SourceVersion | None = None,
+    ) -> int:
         """Register a source and its shards `(shard_id, index, start, end)`; return how many
         shards are new. Re-registering is harmless: known rows are left as they are, except
-        the source's uri, which follows the file if it moved."""
+        the source's uri, which follows the file if it moved. `version` is what the
+        filesystem said about the file when it was hashed: while it stays the same, the file
+        is this source without hashing it again."""
         with self.engine.begin() as conn:
             # Planners of the same source queue here, so the count of new shards is exact.
             conn.execute(
@@ -121,6 +188,18 @@ class ShardState:
                 ),
                 {**source.__dict__, "columns": json.dumps(source.columns)},
             )
+            if version is not None and version.comparable:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO source_files (uri, source_id, size_bytes, modified, etag)"
+                        " VALUES (:uri, :id, :size, :modified, :etag) ON CONFLICT (uri) DO"
+                        " UPDATE SET source_id = EXCLUDED.source_id, size_bytes ="
+                        " EXCLUDED.size_bytes, modified = EXCLUDED.modified, etag ="
+                        " EXCLUDED.etag, checked_at = now()"
+                    ),
+                    {"uri": source.uri, "id": source.source_id, "size": version.size,
+                     "modified": version.modified, "etag": version.etag},
+                )  # fmt: skip
             if not shards:
                 return 0
             count = sa.text("SELECT count(*) FROM shards WHERE source_id = :id")
@@ -146,9 +225,22 @@ class ShardState:
 
     _SHARD_QUERY = (
         "SELECT s.shard_id, s.source_id, s.shard_index, s.row_start, s.row_end,"
-        " src.uri AS source_uri, src.columns FROM shards s"
+        " src.uri AS source_uri, src.columns, f.size_bytes AS file_size, f.modified AS"
+        " file_modified, f.etag AS file_etag FROM shards s"
         " JOIN sources src ON src.source_id = s.source_id"
+        " LEFT JOIN source_files f ON f.uri = src.uri AND f.source_id = src.source_id"
     )
+    _SHARD_ORDER = " ORDER BY src.registered_at, s.source_id, s.shard_index"
+
+    @staticmethod
+    def _shard(row: Any) -> Shard:
+        version = (
+            SourceVersion(row["file_size"], row["file_modified"], row["file_etag"])
+            if row["file_size"] is not None
+            else None
+        )
+        fields = {k: row[k] for k in Shard.__dataclass_fields__ if k != "source_version"}
+        return Shard(**fields, source_version=version)
 
     def get_shard(self, shard_id: str) -> Shard:
         with self.engine.connect() as conn:
@@ -161,17 +253,63 @@ class ShardState:
             )
         if row is None:
             raise UnknownShardError(f"no shard {shard_id!r} is registered; run `facecaption plan`")
-        return Shard(**row)
+        return self._shard(row)
 
-    def list_shards(self, source_ids: Sequence[str] | None = None) -> list[Shard]:
+    def list_shards(
+        self, source_ids: Sequence[str] | None = None, shard_ids: Sequence[str] | None = None
+    ) -> list[Shard]:
+        """Shards in planning order: all, or those of some sources, or some shard ids (one
+        query whatever the number)."""
         query = self._SHARD_QUERY
         params: dict[str, Any] = {}
         if source_ids is not None:
             query += " WHERE s.source_id = ANY(:ids)"
             params["ids"] = list(source_ids)
-        query += " ORDER BY src.registered_at, s.source_id, s.shard_index"
+        elif shard_ids is not None:
+            query += " WHERE s.shard_id = ANY(:ids)"
+            params["ids"] = list(shard_ids)
         with self.engine.connect() as conn:
-            return [Shard(**row) for row in conn.execute(sa.text(query), params).mappings()]
+            rows = conn.execute(sa.text(query + self._SHARD_ORDER), params).mappings()
+            return [self._shard(row) for row in rows]
+
+    def filter_shards(
+        self, shard_filter: ShardFilter, limit: int | None = None, offset: int = 0
+    ) -> tuple[list[Shard], int, int]:
+        """Shards that pass the filter in planning order (a page of them with `limit` and
+        `offset`), how many pass it, and how many are registered: one query."""
+        conditions, params = ["TRUE"], {"stages": list(shard_filter.stages)}
+        if shard_filter.shard_ids is not None:
+            conditions.append("s.shard_id = ANY(:ids)")
+            params["ids"] = list(shard_filter.shard_ids)
+        if shard_filter.contains:
+            conditions.append("strpos(s.shard_id, :contains) > 0")
+            params["contains"] = shard_filter.contains
+        if shard_filter.status == "pending":  # some stage without a row, or a pending row
+            conditions.append(
+                "(SELECT count(*) FROM shard_stages ss WHERE ss.shard_id = s.shard_id"
+                " AND ss.stage = ANY(:stages) AND ss.status <> 'pending') < :stage_count"
+            )
+            params["stage_count"] = len(shard_filter.stages)
+        elif shard_filter.status:
+            conditions.append(
+                "EXISTS (SELECT 1 FROM shard_stages ss WHERE ss.shard_id = s.shard_id"
+                " AND ss.stage = ANY(:stages) AND ss.status = :status)"
+            )
+            params["status"] = shard_filter.status
+        query = (
+            "WITH registered AS (SELECT count(*) AS n FROM shards),"
+            " matched AS (SELECT s.shard_id FROM shards s WHERE " + " AND ".join(conditions) + ")"
+            " SELECT page.*, (SELECT count(*) FROM matched) AS matched_count,"
+            " (SELECT n FROM registered) AS registered_count FROM (SELECT 1) one"
+            " LEFT JOIN LATERAL (" + self._SHARD_QUERY
+            + " WHERE s.shard_id IN (SELECT shard_id FROM matched)" + self._SHARD_ORDER
+            + " LIMIT :limit OFFSET :offset) page ON TRUE"
+        )  # fmt: skip
+        params.update(limit=limit, offset=offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(query), params).mappings().all()
+        shards = [self._shard(row) for row in rows if row["shard_id"] is not None]
+        return shards, int(rows[0]["matched_count"]), int(rows[0]["registered_count"])
 
     # -- stage state --------------------------------------------------------------------
 
@@ -194,16 +332,101 @@ class ShardState:
         return StageState(**{k: row[k] for k in StageState.__dataclass_fields__})
 
     def stage_table(self, shard_ids: Sequence[str] | None = None) -> list[StageState]:
-        query = "SELECT * FROM shard_stages"
+        """Every stage row of some shards (None: all). The json columns come as text and are
+        decoded here, an empty list of warnings not at all: at 25,000 rows decoding is most
+        of the cost."""
+        query = (
+            "SELECT shard_id, stage, status, attempt, worker, started_at, finished_at,"
+            " counts::text AS counts, artifacts::text AS artifacts, last_error, fingerprint,"
+            " warnings::text AS warnings FROM shard_stages"
+        )
         params: dict[str, Any] = {}
         if shard_ids is not None:
             query += " WHERE shard_id = ANY(:ids)"
             params["ids"] = list(shard_ids)
+        loads = json.loads
         with self.engine.connect() as conn:
             return [
-                StageState(**{k: row[k] for k in StageState.__dataclass_fields__})
-                for row in conn.execute(sa.text(query), params).mappings()
+                StageState(
+                    row.shard_id,
+                    row.stage,
+                    row.status,
+                    row.attempt,
+                    row.worker,
+                    row.started_at,
+                    row.finished_at,
+                    loads(row.counts),
+                    loads(row.artifacts),
+                    row.last_error,
+                    row.fingerprint,
+                    [] if row.warnings == "[]" else loads(row.warnings),
+                )  # fmt: skip
+                for row in conn.execute(sa.text(query), params)
             ]
+
+    def work_table(self, shard_ids: Sequence[str] | None = None) -> list[StageState]:
+        """The stage rows as work selection reads them: status, attempt, fingerprint,
+        artifacts, and of the counts only `retryable` (what selection looks at)."""
+        query = (
+            "SELECT shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
+            " CASE WHEN jsonb_typeof(counts -> 'retryable') = 'number'"
+            " THEN (counts ->> 'retryable')::numeric END AS retryable FROM shard_stages"
+        )
+        params: dict[str, Any] = {}
+        if shard_ids is not None:
+            query += " WHERE shard_id = ANY(:ids)"
+            params["ids"] = list(shard_ids)
+        loads = json.loads
+        with self.engine.connect() as conn:
+            return [
+                StageState(
+                    row.shard_id,
+                    row.stage,
+                    row.status,
+                    row.attempt,
+                    counts={"retryable": int(row.retryable)} if row.retryable else {},
+                    artifacts=loads(row.artifacts),
+                    fingerprint=row.fingerprint,
+                )  # fmt: skip
+                for row in conn.execute(sa.text(query), params)
+            ]
+
+    def stage_totals(
+        self, registered: int, stages: Sequence[str], status: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per stage over all `registered` shards: shards by status (a shard without a row is
+        pending) and the sum of each numeric count (of rows in `status`, or all): two
+        aggregate queries, whatever the number of shards."""
+        totals: dict[str, dict[str, Any]] = {s: {"shards": {}, "counts": {}} for s in stages}
+        with self.engine.connect() as conn:
+            for row in conn.execute(
+                sa.text(
+                    "SELECT stage, status, count(*) AS shards FROM shard_stages"
+                    " GROUP BY stage, status ORDER BY stage, status"
+                )
+            ):
+                if row.stage in totals:
+                    totals[row.stage]["shards"][row.status] = row.shards
+            for row in conn.execute(
+                sa.text(
+                    "SELECT ss.stage, c.key, sum((c.value)::numeric) AS total"
+                    " FROM shard_stages ss CROSS JOIN LATERAL jsonb_each(ss.counts) c"
+                    " WHERE jsonb_typeof(c.value) = 'number'"
+                    + (" AND ss.status = :status" if status else "")
+                    + " GROUP BY ss.stage, c.key ORDER BY ss.stage, c.key"
+                ),
+                {"status": status},
+            ):
+                if row.stage in totals:
+                    total = row.total
+                    totals[row.stage]["counts"][row.key] = (
+                        int(total) if total == total.to_integral_value() else float(total)
+                    )
+        for entry in totals.values():
+            missing = registered - sum(entry["shards"].values())
+            if missing > 0:
+                entry["shards"]["pending"] = entry["shards"].get("pending", 0) + missing
+        return totals
 
     @contextmanager
     def claim(self, shard_id: str, stage: str) -> Iterator[Connection]:
@@ -278,7 +501,10 @@ class ShardState:
         artifacts: dict[str, dict[str, Any]],
         fingerprint: str,
         warnings: list[str] | None = None,
+        stats: dict[str, Any] | None = None,
     ) -> None:
+        """Finish an attempt with its outputs; `stats` (report statistics) are kept in
+        `stage_stats`, not in the history."""
         self._finish(
             shard_id,
             stage,
@@ -288,6 +514,7 @@ class ShardState:
             artifacts=artifacts,
             fingerprint=fingerprint,
             warnings=warnings or [],
+            stats=stats,
         )
 
     def mark_failed(self, shard_id: str, stage: str, attempt: int, error: str) -> None:
@@ -305,6 +532,7 @@ class ShardState:
         fingerprint: str | None = None,
         error: str | None = None,
         warnings: list[str] | None = None,
+        stats: dict[str, Any] | None = None,
     ) -> None:
         with self.engine.begin() as conn:
             started = conn.execute(
@@ -331,6 +559,8 @@ class ShardState:
             ).first()
             if started is None:
                 raise RuntimeError(f"attempt {attempt} of {stage}/{shard_id} is not current")
+            if stats is not None:
+                self._record_stats(conn, shard_id, stage, attempt, stats)
             duration = (started.finished_at - started.started_at).total_seconds()
             self._event(
                 conn,
@@ -346,6 +576,55 @@ class ShardState:
                 fingerprint=fingerprint,
                 warnings=warnings,
             )
+
+    def record_stats(self, shard_id: str, stage: str, attempt: int, stats: dict[str, Any]) -> None:
+        """Store the report statistics of a finished attempt (worked out after the fact)."""
+        with self.engine.begin() as conn:
+            self._record_stats(conn, shard_id, stage, attempt, stats)
+
+    @staticmethod
+    def _record_stats(
+        conn: Connection, shard_id: str, stage: str, attempt: int, stats: dict[str, Any]
+    ) -> None:
+        conn.execute(
+            sa.text(
+                "INSERT INTO stage_stats (shard_id, stage, attempt, stats) VALUES (:s, :t, :n,"
+                " CAST(:stats AS jsonb)) ON CONFLICT (shard_id, stage) DO UPDATE SET"
+                " attempt = EXCLUDED.attempt, stats = EXCLUDED.stats, updated_at = now()"
+            ),
+            {"s": shard_id, "t": stage, "n": attempt, "stats": json.dumps(stats)},
+        )
+
+    def finished_stats(self, stage: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        """For every shard whose `stage` finished (done, or running again after finishing):
+        the statistics of its last finished attempt, and, apart, the shards (with their
+        attempt) done without statistics (finished before statistics were kept). One query."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT ss.shard_id, ss.status, ss.attempt, st.stats FROM shard_stages ss"
+                    " LEFT JOIN stage_stats st ON st.shard_id = ss.shard_id"
+                    " AND st.stage = ss.stage WHERE ss.stage = :stage"
+                    " AND ss.status IN ('done', 'running') ORDER BY ss.shard_id"
+                ),
+                {"stage": stage},
+            )
+            stats: dict[str, dict[str, Any]] = {}
+            missing: dict[str, int] = {}
+            for row in rows:
+                if row.stats is not None:
+                    stats[row.shard_id] = row.stats
+                elif row.status == "done":
+                    missing[row.shard_id] = row.attempt
+            return stats, missing
+
+    def shard_totals(self) -> tuple[int, int]:
+        """Registered shards and the source rows they cover."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.text("SELECT count(*), COALESCE(sum(row_end - row_start), 0) FROM shards")
+            ).one()
+            return int(row[0]), int(row[1])
 
     @staticmethod
     def _event(

@@ -1,0 +1,263 @@
+"""Per-shard statistics for the dataset report, worked out once when the export stage runs
+(from the shard's artifacts, column by column) and stored with it in the state DB, so that a
+report over 5,000 shards reads no shard artifact at all: it merges these.
+
+A shard's statistics: histograms of image and face-crop shorter sides and of caption lengths
+(fixed bins), attribute counts of kept faces, caption sources and fidelity outcomes, a
+HyperLogLog sketch of the distinct word 4-grams of the grammar's text and of the LLM's
+captions (sketches merge; distinct counts do not add up), and BRISQUE scores of the shard's
+first `export.quality_crops_per_shard` released crops (in source row order, so only the start
+of `faces.tar` is read). The report picks at most `export.report_max_crops` of all shards'
+scored crops by a hash of the face id: the same crops from one report to the next while their
+shards are unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import io
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.caption.stage import ngrams, words
+from facecaption.core.artifacts import (
+    ATTRIBUTES_PARQUET,
+    CAPTIONS_PARQUET,
+    FACES_PARQUET,
+    FACES_TAR,
+    FETCH_PARQUET,
+)
+from facecaption.core.store import ArtifactStore
+from facecaption.core.writers import iter_webdataset
+
+STATS_FORMAT = 1
+SIDE_BINS = [0, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, math.inf]
+WORD_BINS = [0, 10, 20, 30, 40, 50, 60, 80, 100, 150, math.inf]
+BRISQUE_BINS = [-math.inf, 0, 10, 20, 30, 40, 50, 60, 80, math.inf]
+TEXT_KINDS = ("template", "llm")
+
+
+def histogram(values: Iterable[float], edges: list[float]) -> list[int]:
+    """Counts per bin [edges[i], edges[i + 1])."""
+    counts = [0] * (len(edges) - 1)
+    for value in values:
+        index = bisect.bisect_right(edges, value) - 1
+        if 0 <= index < len(counts):
+            counts[index] += 1
+    return counts
+
+
+class DistinctSketch:
+    """A HyperLogLog sketch of distinct items (2**12 registers: about 1.6% standard error;
+    exact enough to compare the grammar's and the LLM's vocabulary). Sketches of shards merge
+    into the sketch of their union."""
+
+    PRECISION = 12
+    REGISTERS = 1 << PRECISION
+    _REST_BITS = 64 - PRECISION
+
+    def __init__(self, registers: np.ndarray | None = None) -> None:
+        self.registers = (
+            np.zeros(self.REGISTERS, np.uint8) if registers is None else registers.copy()
+        )
+
+    def update(self, items: Iterable[str]) -> None:
+        hashes = np.fromiter(
+            (
+                int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(), "big")
+                for item in items
+            ),
+            dtype=np.uint64,
+        )
+        if not hashes.size:
+            return
+        index = (hashes >> np.uint64(self._REST_BITS)).astype(np.intp)
+        rest = hashes & np.uint64((1 << self._REST_BITS) - 1)
+        # rest < 2**52 is exact as a float64, so frexp's exponent is its bit length
+        _, bit_length = np.frexp(rest.astype(np.float64))
+        rank = (self._REST_BITS + 1 - np.where(rest > 0, bit_length, 0)).astype(np.uint8)
+        np.maximum.at(self.registers, index, rank)
+
+    def merge(self, other: DistinctSketch) -> None:
+        np.maximum(self.registers, other.registers, out=self.registers)
+
+    def estimate(self) -> int:
+        m = self.REGISTERS
+        zeros = int(np.count_nonzero(self.registers == 0))
+        if zeros == m:
+            return 0
+        alpha = 0.7213 / (1 + 1.079 / m)
+        raw = alpha * m * m / float(np.sum(np.ldexp(1.0, -self.registers.astype(np.int64))))
+        if raw <= 2.5 * m and zeros:
+            return round(m * math.log(m / zeros))  # linear counting: small sets
+        return round(raw)
+
+    def to_text(self) -> str:
+        return base64.b64encode(zlib.compress(self.registers.tobytes(), 9)).decode("ascii")
+
+    @classmethod
+    def from_text(cls, text: str) -> DistinctSketch:
+        raw = zlib.decompress(base64.b64decode(text))
+        return cls(np.frombuffer(raw, np.uint8))
+
+
+def _gram_text(gram: tuple[str, ...]) -> str:
+    return "\x1f".join(gram)
+
+
+def shard_stats(
+    store: ArtifactStore,
+    shard_id: str,
+    released_face_ids: list[str],
+    quality_crops: int,
+) -> dict[str, Any]:
+    """The report's statistics of one exported shard, read from its artifacts column by
+    column; `released_face_ids` are its release rows' face ids."""
+    path = store.shard_path
+
+    def column_rows(name: str, columns: list[str]) -> list[dict[str, Any]]:
+        return store.read_table(path(shard_id, name), columns).to_pylist()
+
+    image_sides = [
+        min(row["width"], row["height"])
+        for row in column_rows(FETCH_PARQUET, ["status", "width", "height"])
+        if row["status"] == "ok" and row["width"] and row["height"]
+    ]
+    face_sides = [
+        min(row["crop_width"], row["crop_height"])
+        for row in column_rows(FACES_PARQUET, ["crop_width", "crop_height"])
+    ]
+    labels: Counter[str] = Counter()
+    for row in column_rows(ATTRIBUTES_PARQUET, ["kept", "valid_labels"]):
+        if row["kept"]:
+            labels.update(row["valid_labels"])
+    lengths: list[int] = []
+    fidelity: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
+    texts = Counter[str]()
+    columns = ["raw_text", "caption", "caption_source", "fidelity", "word_count"]
+    for row in column_rows(CAPTIONS_PARQUET, columns):
+        lengths.append(row["word_count"])
+        fidelity[row["fidelity"]] += 1
+        sources[row["caption_source"]] += 1
+        kinds = [("template", row["raw_text"])]
+        if row["caption_source"] == "llm":
+            kinds.append(("llm", row["caption"]))
+        for kind, text in kinds:
+            texts[kind] += 1
+            sketches[kind].update(_gram_text(gram) for gram in ngrams(words(text)))
+    scores, note = quality_sample(store, shard_id, released_face_ids, quality_crops)
+    return {
+        "format": STATS_FORMAT,
+        "image_min_side": histogram(image_sides, SIDE_BINS),
+        "face_min_side": histogram(face_sides, SIDE_BINS),
+        "attributes": dict(sorted(labels.items())),
+        "caption_words": histogram(lengths, WORD_BINS),
+        "caption_sources": dict(sorted(sources.items())),
+        "fidelity": dict(sorted(fidelity.items())),
+        "ngrams": {
+            kind: {"captions": texts[kind], "sketch": sketches[kind].to_text()}
+            for kind in TEXT_KINDS
+        },
+        "quality": {"released": len(released_face_ids), "scores": scores, "note": note},
+    }
+
+
+def quality_sample(
+    store: ArtifactStore, shard_id: str, released_face_ids: list[str], crops: int
+) -> tuple[list[list[Any]], str]:
+    """BRISQUE scores `[face_id, score]` of the first `crops` released crops in `faces.tar`
+    (read only as far as those), and a note when the model is unavailable."""
+    from facecaption.release.quality import BrisqueModelError, ImageTooSmallError, brisque_score
+
+    wanted = {face_id.split("/", 1)[1]: face_id for face_id in released_face_ids}
+    scores: list[list[Any]] = []
+    if not crops or not wanted:
+        return scores, ""
+    seen = 0
+    try:
+        with store.open(store.shard_path(shard_id, FACES_TAR)) as handle:
+            for key, ext, payload in iter_webdataset(handle):
+                if ext == "json" or key not in wanted:
+                    continue
+                seen += 1
+                with Image.open(io.BytesIO(payload)) as crop:
+                    try:
+                        score = brisque_score(crop)
+                    except ImageTooSmallError:
+                        score = math.nan
+                if math.isfinite(score):
+                    scores.append([wanted[key], round(score, 4)])
+                if seen >= crops or seen >= len(wanted):
+                    break
+    except BrisqueModelError as error:
+        return [], str(error)
+    return scores, ""
+
+
+def merge_stats(all_stats: Iterable[dict[str, Any]], max_crops: int) -> dict[str, Any]:
+    """The report's distributions over shards: histograms and counters summed, sketches
+    merged, and at most `max_crops` of the scored crops, chosen by a hash of the face id."""
+    image_sides = [0] * (len(SIDE_BINS) - 1)
+    face_sides = [0] * (len(SIDE_BINS) - 1)
+    caption_words = [0] * (len(WORD_BINS) - 1)
+    labels: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    fidelity: Counter[str] = Counter()
+    sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
+    texts = Counter[str]()
+    candidates: list[tuple[bytes, float]] = []
+    released = 0
+    notes: set[str] = set()
+    shards = 0
+    for stats in all_stats:
+        shards += 1
+        for total, part in (
+            (image_sides, stats["image_min_side"]),
+            (face_sides, stats["face_min_side"]),
+            (caption_words, stats["caption_words"]),
+        ):
+            for index, count in enumerate(part):
+                total[index] += count
+        labels.update(stats["attributes"])
+        sources.update(stats["caption_sources"])
+        fidelity.update(stats["fidelity"])
+        for kind in TEXT_KINDS:
+            texts[kind] += stats["ngrams"][kind]["captions"]
+            sketches[kind].merge(DistinctSketch.from_text(stats["ngrams"][kind]["sketch"]))
+        quality = stats["quality"]
+        released += quality["released"]
+        if quality["note"]:
+            notes.add(quality["note"])
+        candidates += [
+            (hashlib.sha256(face_id.encode()).digest(), score)
+            for face_id, score in quality["scores"]
+        ]
+    quality_scores = [score for _, score in sorted(candidates)[:max_crops]]
+    return {
+        "shards": shards,
+        "image_min_side": image_sides,
+        "face_min_side": face_sides,
+        "caption_words": caption_words,
+        "attributes": {name: labels[name] for name in CELEBA_ATTRIBUTES},
+        "caption_sources": dict(sorted(sources.items())),
+        "fidelity": dict(sorted(fidelity.items())),
+        "unique_4grams": {
+            kind: {"captions": texts[kind], "unique_4grams": sketches[kind].estimate()}
+            for kind in TEXT_KINDS
+        },
+        "quality_scores": quality_scores,
+        "quality_candidates": len(candidates),
+        "released": released,
+        "quality_note": "; ".join(sorted(notes)),
+    }
