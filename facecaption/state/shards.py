@@ -204,22 +204,22 @@ class ShardState:
                 return 0
             count = sa.text("SELECT count(*) FROM shards WHERE source_id = :id")
             before = conn.execute(count, {"id": source.source_id}).scalar_one()
+            if before == len(shards):
+                return 0  # planned before, every shard registered
             conn.execute(
                 sa.text(
                     "INSERT INTO shards (shard_id, source_id, shard_index, row_start, row_end)"
-                    " VALUES (:shard_id, :source_id, :shard_index, :row_start, :row_end)"
-                    " ON CONFLICT DO NOTHING"
+                    " SELECT i, :source, x, s, e FROM unnest(CAST(:ids AS text[]),"
+                    " CAST(:indexes AS integer[]), CAST(:starts AS bigint[]),"
+                    " CAST(:ends AS bigint[])) AS t(i, x, s, e) ON CONFLICT DO NOTHING"
                 ),
-                [
-                    {
-                        "shard_id": shard_id,
-                        "source_id": source.source_id,
-                        "shard_index": index,
-                        "row_start": start,
-                        "row_end": end,
-                    }
-                    for shard_id, index, start, end in shards
-                ],
+                {
+                    "source": source.source_id,
+                    "ids": [shard[0] for shard in shards],
+                    "indexes": [shard[1] for shard in shards],
+                    "starts": [shard[2] for shard in shards],
+                    "ends": [shard[3] for shard in shards],
+                },
             )
             return conn.execute(count, {"id": source.source_id}).scalar_one() - before
 
