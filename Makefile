@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_attributes.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_caption.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_release.py --shards 200 --rows 3000 --write docs/benchmarks.md
+	$(BIN)/python bench/bench_scale.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -129,16 +129,18 @@ def throwaway_db(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def timed(request: Callable[[], Any], repeats: int) -> tuple[float, int, Any]:
-    """Median seconds over `repeats` calls, the queries of one call, its result."""
-    seconds, queries, result = [], 0, None
+def timed(request: Callable[[], Any], repeats: int) -> tuple[float, float, int, Any]:
+    """Median wall seconds and this process's CPU seconds over `repeats` calls, the queries
+    of one call, its result."""
+    seconds, cpu, queries, result = [], [], 0, None
     for _ in range(repeats):
         with count_queries() as statements:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = request()
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
         queries = len(statements)
-    return statistics.median(seconds), queries, result
+    return statistics.median(seconds), statistics.median(cpu), queries, result
 
 
 def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: int) -> dict:
@@ -156,7 +158,9 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
                 status="work"
             ),
             "selection: `stale` in every stage": lambda: pipeline.select_work(status="stale"),
-            "`facecaption status` (all rows, formatted)": lambda: format_status(pipeline.status()),
+            "`facecaption status` (all rows, formatted)": lambda: format_status(
+                pipeline.status(artifacts=False)
+            ),
             "shard view page (`status_page`, 100 rows + totals)": lambda: pipeline.status_page(
                 status="done", limit=100
             ),
@@ -165,10 +169,10 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
         }
         results = {}
         for name, request in requests.items():
-            seconds, queries, result = timed(request, repeats)
+            seconds, cpu, queries, result = timed(request, repeats)
             if name.startswith("selection"):
                 assert result == [], f"{name}: synthetic state should be current"
-            results[name] = {"seconds": seconds, "queries": queries}
+            results[name] = {"seconds": seconds, "cpu": cpu, "queries": queries}
     return {"generated_s": generated, "requests": results}
 
 
@@ -256,17 +260,20 @@ def main() -> None:
         f" indexed images per shard, 5 pending takedown requests ({small:,} shards: generated"
         f" in {measured[small]['generated_s']:.0f} s; {large:,} shards / {large * 5:,} stage"
         f" rows / {large * args.index_rows:,} indexed images: {measured[large]['generated_s']:.0f}"
-        f" s). Median of {args.repeats} calls; queries of one call.",
+        f" s). Median of {args.repeats} calls; queries of one call. Wall seconds include"
+        " waiting for a share of the CPU (and the database server's); client CPU is this"
+        " process's own CPU time for the call.",
         "",
-        f"| request | {small:,} shards s | {large:,} shards s | ratio | queries"
-        f" ({small:,} / {large:,}) |",
-        "|---|---:|---:|---:|---:|",
+        f"| request | {small:,} shards s | {large:,} shards s | ratio | {large:,} shards client"
+        f" CPU s | queries ({small:,} / {large:,}) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in measured[small]["requests"]:
         a, b = measured[small]["requests"][name], measured[large]["requests"][name]
         lines.append(
             f"| {name} | {a['seconds']:.3f} | {b['seconds']:.3f} |"
-            f" {b['seconds'] / a['seconds']:.1f}x | {a['queries']} / {b['queries']} |"
+            f" {b['seconds'] / a['seconds']:.1f}x | {b['cpu']:.2f} |"
+            f" {a['queries']} / {b['queries']} |"
         )
     lines += [
         "",

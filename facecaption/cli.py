@@ -246,7 +246,7 @@ def _status(args: argparse.Namespace) -> int:
     from facecaption.core.status import format_status, status_json
 
     with Pipeline.open() as pipeline:
-        rows = pipeline.status(args.shard)
+        rows = pipeline.status(args.shard, artifacts=args.json)
     print(json.dumps(status_json(rows), indent=2) if args.json else format_status(rows))
     return 0
 

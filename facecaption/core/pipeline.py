@@ -198,14 +198,16 @@ class Pipeline:
         contains: str = "",
         limit: int | None = None,
         offset: int = 0,
+        artifacts: bool = True,
     ) -> list[ShardStatusRow]:
         """Shards x stages, in planning order: all shards, or `shard_ids` (each must exist),
         or those whose id contains `contains` and that have a stage (`stage`, or any) in
         `status`; `limit` and `offset` page through them. Three queries whatever the number
-        of shards."""
+        of shards. Without `artifacts` the stages' artifacts are left out (a table of counts
+        needs none; decoding them is a third of the work)."""
         return self.status_page(
             shard_ids, status=status, stage=stage, contains=contains, limit=limit, offset=offset,
-            totals=False,
+            totals=False, artifacts=artifacts,
         ).rows  # fmt: skip
 
     def status_page(
@@ -218,28 +220,33 @@ class Pipeline:
         limit: int | None = None,
         offset: int = 0,
         totals: bool = True,
+        artifacts: bool = True,
     ) -> StatusPage:
         """`status` plus how many shards match the filter and are registered, and (with
         `totals`) each stage's shards by status and summed counts over all shards, from SQL
         aggregates (a page of the shard view; five queries)."""
         if status and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
-        if stage and stage not in self.stage_names:
-            raise ValueError(f"unknown stage {stage!r}; known: {self.stage_names}")
+        names = self.stage_names
+        if stage and stage not in names:
+            raise ValueError(f"unknown stage {stage!r}; known: {names}")
         shard_filter = ShardFilter(
             shard_ids=tuple(dict.fromkeys(shard_ids)) if shard_ids is not None else None,
             contains=contains,
             status=status,
-            stages=(stage,) if stage else tuple(self.stage_names),
+            stages=(stage,) if stage else tuple(names),
         )
         shards, matched, registered = self.state.filter_shards(shard_filter, limit, offset)
         if shard_ids is not None:
             missing = set(shard_filter.shard_ids or ()) - {s.shard_id for s in shards}
             if missing and not (status or contains or limit is not None or offset):
                 raise UnknownShardError(f"unknown shards: {sorted(missing)}")
+        everything = shard_ids is None and not (status or contains or limit or offset)
         by_key = {
             (s.shard_id, s.stage): s
-            for s in self.state.stage_table([shard.shard_id for shard in shards])
+            for s in self.state.stage_table(
+                None if everything else [shard.shard_id for shard in shards], artifacts=artifacts
+            )
         }
         rows = [
             ShardStatusRow(
@@ -250,12 +257,12 @@ class Pipeline:
                     name: by_key.get(
                         (shard.shard_id, name), StageState(shard.shard_id, name, "pending")
                     )
-                    for name in self.stage_names
+                    for name in names
                 },
             )
             for shard in shards
         ]
-        stage_totals = self.state.stage_totals(registered, self.stage_names) if totals else {}
+        stage_totals = self.state.stage_totals(registered, names) if totals else {}
         return StatusPage(rows, matched, registered, stage_totals)
 
 
