@@ -342,63 +342,62 @@ class ShardState:
         """Every stage row of some shards (None: all); without `artifacts`, their artifacts
         are left empty. The json columns come as text and are decoded here with msgspec (an
         empty list of warnings not at all): at 25,000 rows decoding is most of the cost."""
-        query = (
-            "SELECT shard_id, stage, status, attempt, worker, started_at, finished_at,"
-            " counts::text AS counts, "
-            + ("artifacts::text" if artifacts else "'{}'")
-            + " AS artifacts, last_error, fingerprint, warnings::text AS warnings"
-            " FROM shard_stages"
+        artifacts_column = "artifacts::text" if artifacts else "'{}'"
+        rows = self._stage_rows(
+            "shard_id, stage, status, attempt, worker, started_at, finished_at, counts::text"
+            f" AS counts, {artifacts_column} AS artifacts, last_error, fingerprint,"
+            " warnings::text AS warnings",
+            shard_ids,
         )
-        params: dict[str, Any] = {}
-        if shard_ids is not None:
-            query += " WHERE shard_id = ANY(:ids)"
-            params["ids"] = list(shard_ids)
         loads = _decode_json
-        with self.engine.connect() as conn:
-            return [
-                StageState(
-                    row.shard_id,
-                    row.stage,
-                    row.status,
-                    row.attempt,
-                    row.worker,
-                    row.started_at,
-                    row.finished_at,
-                    loads(row.counts),
-                    loads(row.artifacts),
-                    row.last_error,
-                    row.fingerprint,
-                    [] if row.warnings == "[]" else loads(row.warnings),
-                )  # fmt: skip
-                for row in conn.execute(sa.text(query), params)
-            ]
+        return [
+            StageState(
+                row.shard_id,
+                row.stage,
+                row.status,
+                row.attempt,
+                row.worker,
+                row.started_at,
+                row.finished_at,
+                loads(row.counts),
+                loads(row.artifacts),
+                row.last_error,
+                row.fingerprint,
+                [] if row.warnings == "[]" else loads(row.warnings),
+            )
+            for row in rows
+        ]
 
     def work_table(self, shard_ids: Sequence[str] | None = None) -> list[StageState]:
         """The stage rows as work selection reads them: status, attempt, fingerprint,
         artifacts, and of the counts only `retryable` (what selection looks at)."""
-        query = (
-            "SELECT shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
+        rows = self._stage_rows(
+            "shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
             " CASE WHEN jsonb_typeof(counts -> 'retryable') = 'number'"
-            " THEN (counts ->> 'retryable')::numeric END AS retryable FROM shard_stages"
+            " THEN (counts ->> 'retryable')::numeric END AS retryable",
+            shard_ids,
         )
+        return [
+            StageState(
+                row.shard_id,
+                row.stage,
+                row.status,
+                row.attempt,
+                counts={"retryable": int(row.retryable)} if row.retryable else {},
+                artifacts=_decode_json(row.artifacts),
+                fingerprint=row.fingerprint,
+            )
+            for row in rows
+        ]
+
+    def _stage_rows(self, columns: str, shard_ids: Sequence[str] | None) -> list[Any]:
+        query = f"SELECT {columns} FROM shard_stages"
         params: dict[str, Any] = {}
         if shard_ids is not None:
             query += " WHERE shard_id = ANY(:ids)"
             params["ids"] = list(shard_ids)
-        loads = _decode_json
         with self.engine.connect() as conn:
-            return [
-                StageState(
-                    row.shard_id,
-                    row.stage,
-                    row.status,
-                    row.attempt,
-                    counts={"retryable": int(row.retryable)} if row.retryable else {},
-                    artifacts=loads(row.artifacts),
-                    fingerprint=row.fingerprint,
-                )  # fmt: skip
-                for row in conn.execute(sa.text(query), params)
-            ]
+            return conn.execute(sa.text(query), params).all()
 
     def stage_totals(
         self, registered: int, stages: Sequence[str], status: str | None = None
