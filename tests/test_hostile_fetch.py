@@ -614,7 +614,7 @@ def test_folder_of_good_and_broken_files_runs_the_good_ones(tmp_path, cli_env, s
             "url-binary.parquet": "holds binary, not text",
             "url-null-type.parquet": "null in all 2 rows",
             "url-all-null.parquet": "null in all 2 rows",
-            "a-folder.parquet": "not a readable parquet file",
+            "a-folder.parquet": "not a file",
         }
         (folder / "not-parquet.parquet").write_bytes(b"PAR1 this is not parquet")
         whole = (folder / "a-good.parquet").read_bytes()

@@ -22,13 +22,17 @@ from facecaption.release.takedowns import match_pending_takedowns, request_taked
 
 def requests(pipeline: Pipeline, ids: list[str]) -> dict[str, Callable[[], Any]]:
     return {
-        "select all": lambda: pipeline.select_work(),
-        "select pending": lambda: pipeline.select_work(status="pending"),
-        "select failed": lambda: pipeline.select_work(status="failed"),
-        "select stale": lambda: pipeline.select_work(status="stale"),
-        "select work": lambda: pipeline.select_work(status="work"),
-        "select stale by shard ids": lambda: pipeline.select_work(shard_ids=ids, status="stale"),
-        "select after a cursor": lambda: pipeline.select_work(status="work", after=ids[0]),
+        "select all": lambda: pipeline.select_work().shard_ids,
+        "select pending": lambda: pipeline.select_work(status="pending").shard_ids,
+        "select failed": lambda: pipeline.select_work(status="failed").shard_ids,
+        "select stale": lambda: pipeline.select_work(status="stale").shard_ids,
+        "select work": lambda: pipeline.select_work(status="work").shard_ids,
+        "select stale by shard ids": lambda: (
+            pipeline.select_work(shard_ids=ids, status="stale").shard_ids
+        ),
+        "select after a cursor": lambda: (
+            pipeline.select_work(status="work", after=ids[0]).shard_ids
+        ),
         "status": lambda: pipeline.status(),
         "status of shard ids": lambda: pipeline.status(ids),
         "status page": lambda: pipeline.status_page(status="done", stage="caption", limit=10),
@@ -76,22 +80,22 @@ def test_synthetic_state_is_current_so_selection_checks_every_fingerprint(cli_se
     settings = cli_settings
     with Pipeline.open(settings) as pipeline:
         ids = populate(pipeline.state.engine, settings, 20)
-        assert pipeline.select_work(status="work") == []
-        assert pipeline.select_work(status="all") == sorted(ids, key=ids.index)
+        assert pipeline.select_work(status="work").shard_ids == []
+        assert pipeline.select_work(status="all").shard_ids == sorted(ids, key=ids.index)
         page = pipeline.status_page(limit=5, offset=5)
-        assert [row.shard_id for row in page.rows] == pipeline.select_work()[5:10]
+        assert [row.shard_id for row in page.rows] == pipeline.select_work().shard_ids[5:10]
         assert (page.matched, page.registered) == (20, 20)
         assert page.totals == status_totals(pipeline.status())
     stricter = settings.model_copy(
         update={"caption": settings.caption.model_copy(update={"seed": 1})}
     )
     with Pipeline.open(stricter) as pipeline:
-        stale = pipeline.select_work(status="stale", stages=["caption"])
+        stale = pipeline.select_work(status="stale", stages=["caption"]).shard_ids
         assert len(stale) == 20
         # a run too large for one Airflow mapping goes chunk by chunk, each after the last
-        first = pipeline.select_work(status="stale", max_shards=8)
-        second = pipeline.select_work(status="stale", max_shards=8, after=first[-1])
-        third = pipeline.select_work(status="stale", max_shards=8, after=second[-1])
+        first = pipeline.select_work(status="stale", max_shards=8).shard_ids
+        second = pipeline.select_work(status="stale", max_shards=8, after=first[-1]).shard_ids
+        third = pipeline.select_work(status="stale", max_shards=8, after=second[-1]).shard_ids
         assert first + second + third == stale
         assert [len(chunk) for chunk in chunked(stale, 8)] == [8, 8, 4]
 
@@ -134,7 +138,7 @@ def test_bulk_fingerprints_are_the_runners_fingerprints(cli_settings):
                 ), (shard.shard_id, name)
         assert matched
         # the matched shards' exports are stale now, and only those
-        stale = pipeline.select_work(status="stale", stages=["export"])
+        stale = pipeline.select_work(status="stale", stages=["export"]).shard_ids
         assert stale and set(stale) <= set(ids)
         assert set(stale) == {s for s in ids if live.takedown_matches(s)}
 
@@ -152,7 +156,7 @@ def test_status_filters_and_pages_in_sql(cli_settings):
                 sa.text("DELETE FROM shard_stages WHERE shard_id = :s AND stage = 'caption'"),
                 {"s": ids[5]},
             )
-        ordered = pipeline.select_work()
+        ordered = pipeline.select_work().shard_ids
 
         def shown(**filters) -> list[str]:
             return [row.shard_id for row in pipeline.status(**filters)]
