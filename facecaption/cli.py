@@ -208,7 +208,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+EXIT_BUSY = 75  # EX_TEMPFAIL: nothing failed, but some work is still running elsewhere
+
+
 def _run(args: argparse.Namespace) -> int:
+    """Exit 0 when every chosen stage of every chosen shard is done (here or by another
+    worker), 1 when some failed or a source could not be planned, EXIT_BUSY when the rest is
+    done but some shard's stage was still held by another worker after waiting
+    `busy_wait_s`."""
     from facecaption.core.pipeline import Pipeline, run_shards
 
     settings = Settings()
@@ -218,27 +225,32 @@ def _run(args: argparse.Namespace) -> int:
     # A source file that cannot be planned is named now, the others still run.
     for error in selection.plan_errors.values():
         print(f"facecaption: error: {error}", file=sys.stderr)
-    failures = 0
+    last = {}
     for shard_run in run_shards(
         settings, selection.shard_ids, stages, force=args.force,
         retry_transient=args.retry_transient, jobs=args.jobs,
     ):  # fmt: skip
+        last[shard_run.shard_id] = shard_run
         for outcome in shard_run.outcomes:
             print(
                 f"{outcome.shard_id} {outcome.stage}: {outcome.status} {json.dumps(outcome.counts)}"
             )
             for warning in outcome.warnings:
                 print(f"{outcome.shard_id} {outcome.stage}: warning: {warning}")
+        if shard_run.busy:
+            then = "gave up waiting" if shard_run.waited else "skipped, will wait for it"
+            print(f"{shard_run.shard_id} {shard_run.busy} ({then})", file=sys.stderr)
         if shard_run.error:
             print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)
-            failures += 1
     if selection.plan_errors:
         print(
             f"facecaption: not all chosen work was done: {len(selection.plan_errors)} source"
             f" file(s) could not be planned: {', '.join(selection.plan_errors)}",
             file=sys.stderr,
         )
-    return 1 if failures or selection.plan_errors else 0
+    if selection.plan_errors or any(shard_run.error for shard_run in last.values()):
+        return 1
+    return EXIT_BUSY if any(shard_run.busy for shard_run in last.values()) else 0
 
 
 def _status(args: argparse.Namespace) -> int:

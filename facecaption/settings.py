@@ -284,6 +284,12 @@ class Settings(BaseSettings):
         None, description="artifact root, any fsspec URL; unset: {home}/artifacts"
     )
     shard_size: int = Field(10_000, ge=1, description="source rows per shard")
+    busy_wait_s: float = Field(
+        3600.0,
+        ge=0,
+        description="how long `run` and `publish` wait for a shard stage or the release that"
+        " another worker holds (after running the rest); 0: do not wait",
+    )
     columns: SourceColumns = SourceColumns()
     fetch: FetchSettings = FetchSettings()
     detect: DetectSettings = DetectSettings()

@@ -57,6 +57,7 @@ class AttributeStage:
     name = "attribute"
     version = "1"
     artifact_names = (ATTRIBUTES_PARQUET,)
+    cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {

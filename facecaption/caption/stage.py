@@ -86,6 +86,7 @@ class CaptionStage:
     name = "caption"
     version = "2"  # 2: rewrite_error, caption caps, the retry asks differently
     artifact_names = (CAPTIONS_PARQUET,)
+    cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {

@@ -4,8 +4,8 @@ fingerprint differs from the current one is stale.
 
 The runner works one out for the shard it runs, reading the state DB as it goes
 (`LiveStageInputs`). Work selection checks thousands of shards at once: `Fingerprints` reads
-their stages and takedown matches in one query each, and works out each stage's settings part
-(settings, model identity, grammar) once, however many shards it checks.
+their stages, takedown matches and dedup epochs in one query each, and works out each stage's
+settings part (settings, model identity, grammar) once, however many shards it checks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from facecaption.core.stage import Stage, StageInputs
 from facecaption.settings import Settings
 from facecaption.state import Shard, ShardState, StageState
+from facecaption.state.dedup import ImageHashIndex
 from facecaption.state.takedowns import TakedownIndex
 
 _ENCODE = json.JSONEncoder(sort_keys=True, default=str).encode
@@ -35,12 +36,19 @@ def _marker(key: str) -> str:
     return f"\x00settings-part:{key}\x00"
 
 
-def current_fingerprint(stage: Stage, shard: Shard, settings: Settings, inputs: StageInputs) -> str:
-    """The fingerprint the stage would record if it ran on this shard now. The shard part is
-    worked out first: a stage whose input is not done raises StageInputError before its
+def current_inputs(
+    stage: Stage, shard: Shard, settings: Settings, inputs: StageInputs
+) -> dict[str, Any]:
+    """What the stage's fingerprint would cover if it ran on this shard now. The shard part
+    is worked out first: a stage whose input is not done raises StageInputError before its
     model is looked for."""
     shard_part = stage.shard_inputs(shard, settings, inputs)
-    return fingerprint(stage, {**shard_part, **stage.settings_inputs(settings)})
+    return {**shard_part, **stage.settings_inputs(settings)}
+
+
+def current_fingerprint(stage: Stage, shard: Shard, settings: Settings, inputs: StageInputs) -> str:
+    """The fingerprint the stage would record if it ran on this shard now."""
+    return fingerprint(stage, current_inputs(stage, shard, settings, inputs))
 
 
 class LiveStageInputs:
@@ -55,15 +63,22 @@ class LiveStageInputs:
     def takedown_matches(self, shard_id: str) -> list[tuple[int, str]]:
         return TakedownIndex(self.state.engine).shard_matches(shard_id)
 
+    def dedup_epoch(self, shard_id: str) -> int:
+        return ImageHashIndex(self.state.engine).epoch(shard_id)
+
 
 class PrefetchedStageInputs:
     """StageInputs answered from rows read beforehand (`Fingerprints.prefetch`)."""
 
     def __init__(
-        self, states: Iterable[StageState], matches: dict[str, list[tuple[int, str]]]
+        self,
+        states: Iterable[StageState],
+        matches: dict[str, list[tuple[int, str]]],
+        epochs: dict[str, int] | None = None,
     ) -> None:
         self._states = {(state.shard_id, state.stage): state for state in states}
         self._matches = matches
+        self._epochs = epochs or {}
 
     def get_stage(self, shard_id: str, stage: str) -> StageState:
         return self._states.get((shard_id, stage)) or StageState(shard_id, stage, "pending")
@@ -73,6 +88,9 @@ class PrefetchedStageInputs:
 
     def takedown_matches(self, shard_id: str) -> list[tuple[int, str]]:
         return self._matches.get(shard_id, [])
+
+    def dedup_epoch(self, shard_id: str) -> int:
+        return self._epochs.get(shard_id, 0)
 
 
 class Fingerprints:
@@ -96,11 +114,18 @@ class Fingerprints:
         stages: dict[str, Stage],
         shard_ids: Sequence[str] | None,
         takedowns: bool = True,
+        epochs: bool = True,
     ) -> Fingerprints:
-        """Read the stages of `shard_ids` (None: all) and, when `takedowns`, their takedown
-        matches (what export fingerprints cover): two queries."""
+        """Read the stages of `shard_ids` (None: all), when `takedowns` their takedown
+        matches (what export fingerprints cover), and when `epochs` their dedup epochs (what
+        fetch fingerprints cover): at most three queries."""
         matches = TakedownIndex(state.engine).matches_by_shard(shard_ids) if takedowns else {}
-        return cls(settings, stages, PrefetchedStageInputs(state.work_table(shard_ids), matches))
+        raised = ImageHashIndex(state.engine).epochs(shard_ids) if epochs else {}
+        # a stage's recorded inputs matter here only where they name an input stage's
+        # checksums (`upstream_chain` compares those)
+        rows = state.work_table(shard_ids, input_keys=list(stages))
+        inputs = PrefetchedStageInputs(rows, matches, raised)
+        return cls(settings, stages, inputs)
 
     def current(self, stage_name: str, shard: Shard) -> str:
         """What `current_fingerprint` gives; StageInputError when an input is not done.

@@ -20,7 +20,14 @@ from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactStore
 from facecaption.plan.planner import PlanReport, plan_sources
 from facecaption.settings import Settings
-from facecaption.state import Shard, ShardState, StageState, UnknownShardError, open_state
+from facecaption.state import (
+    Shard,
+    ShardBusyError,
+    ShardState,
+    StageState,
+    UnknownShardError,
+    open_state,
+)
 from facecaption.state.shards import STATUSES, ShardFilter
 
 WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
@@ -172,6 +179,7 @@ class Pipeline:
             self.settings, self.state, stage_registry(),
             None if everything else [shard.shard_id for shard in chosen],
             takedowns="export" in stages and status in ("stale", "work"),
+            epochs="fetch" in stages and status in ("stale", "work"),
         )  # fmt: skip
         selected: list[str] = []
         for shard in chosen:
@@ -182,11 +190,17 @@ class Pipeline:
         return WorkSelection(selected, plan_errors)
 
     def run(
-        self, stage: str, shard_id: str, *, force: bool = False, retry_transient: bool = False
+        self,
+        stage: str,
+        shard_id: str,
+        *,
+        force: bool = False,
+        retry_transient: bool = False,
+        wait_s: float = 0,
     ) -> StageOutcome:
         return run_stage(
             stage, shard_id, self.settings, self.state, self.store,
-            force=force, retry_transient=retry_transient,
+            force=force, retry_transient=retry_transient, wait_s=wait_s,
         )  # fmt: skip
 
     def status(
@@ -297,28 +311,44 @@ def chunked(shard_ids: list[str], size: int) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class ShardRun:
-    """What running some stages on one shard came to: outcomes, and the error that stopped it."""
+    """What running some stages on one shard came to: outcomes, and the error that stopped it,
+    or the stage another worker held (`busy`; the stages from it on did not run here)."""
 
     shard_id: str
     outcomes: list[StageOutcome]
     error: str | None = None
+    busy: str | None = None
+    waited: bool = False  # this was the second try, after waiting for the other worker
+
+    @property
+    def done(self) -> bool:
+        return self.error is None and self.busy is None
 
 
 def run_shard(
     settings: Settings, shard_id: str, stages: list[str], force: bool,
-    retry_transient: bool = False,
+    retry_transient: bool = False, wait_s: float = 0,
 ) -> ShardRun:  # fmt: skip
-    """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)."""
+    """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)
+    or at a stage another worker holds (after waiting `wait_s` for it)."""
     outcomes = []
     with Pipeline.open(settings) as pipeline:
         for stage in stages:
             try:
                 outcomes.append(
-                    pipeline.run(stage, shard_id, force=force, retry_transient=retry_transient)
+                    pipeline.run(
+                        stage,
+                        shard_id,
+                        force=force,
+                        retry_transient=retry_transient,
+                        wait_s=wait_s,
+                    )  # fmt: skip
                 )
+            except ShardBusyError as busy:  # running elsewhere, or taken over from us
+                return ShardRun(shard_id, outcomes, busy=f"{stage}: {busy}", waited=wait_s > 0)
             except Exception as error:  # the state DB has the failure; report it and stop
                 return ShardRun(shard_id, outcomes, f"{stage}: {type(error).__name__}: {error}")
-    return ShardRun(shard_id, outcomes)
+    return ShardRun(shard_id, outcomes, waited=wait_s > 0)
 
 
 def run_shards(
@@ -331,16 +361,44 @@ def run_shards(
     jobs: int = 1,
 ) -> Iterator[ShardRun]:
     """Run stages on shards, `jobs` shards at a time in separate processes (one per core is
-    the usual choice: each process downloads with many connections of its own)."""
+    the usual choice: each process downloads with many connections of its own).
+
+    A shard whose stage another worker holds is skipped and reported (`busy`); once the others
+    are done, each skipped shard is tried again from that stage, waiting up to
+    `settings.busy_wait_s` for the other worker (a stage it finished is then skipped here).
+    Each shard's last ShardRun says whether its chosen work is done."""
+    busy: dict[str, list[str]] = {}
+    for shard_run in _run_pass(settings, shard_ids, stages, force, retry_transient, jobs, {}):
+        if shard_run.busy:
+            busy[shard_run.shard_id] = stages[len(shard_run.outcomes) :]
+        yield shard_run
+    if busy and settings.busy_wait_s > 0:
+        yield from _run_pass(settings, list(busy), stages, force, retry_transient, jobs, busy)
+
+
+def _run_pass(
+    settings: Settings,
+    shard_ids: list[str],
+    stages: list[str],
+    force: bool,
+    retry_transient: bool,
+    jobs: int,
+    remaining: dict[str, list[str]],
+) -> Iterator[ShardRun]:
+    """One pass over `shard_ids`; with `remaining` (shard -> stages left), the second one,
+    which waits for busy stages."""
+    wait_s = settings.busy_wait_s if remaining else 0
+    calls = [
+        (settings, shard_id, remaining.get(shard_id, stages), force, retry_transient, wait_s)
+        for shard_id in shard_ids
+    ]
     if jobs <= 1:
-        for shard_id in shard_ids:
-            yield run_shard(settings, shard_id, stages, force, retry_transient)
+        for call in calls:
+            yield run_shard(*call)
         return
     # spawn: a forked child would inherit the parent's DB connections and event loop state
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(run_shard, settings, shard_id, stages, force) for shard_id in shard_ids
-        ]
+        futures = [pool.submit(run_shard, *call) for call in calls]
         for future in as_completed(futures):
             yield future.result()
 

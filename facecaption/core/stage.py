@@ -12,6 +12,7 @@ answers from the state DB and work selection from one prefetched table
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,23 +24,35 @@ from facecaption.state.takedowns import TakedownIndex
 
 
 class StageInputError(PermanentError, RuntimeError):
-    """The stage's input is not there: the stage before it has not finished."""
+    """The stage's input is not usable: the stage before it has not finished, ran on other
+    outputs than there are now (it is stale), or its files are missing, changed or do not
+    fit together. Running this stage again cannot fix it; running the earlier one can."""
 
 
 class DedupIndex(Protocol):
     def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
-        """Register `(sha256, key)` pairs of one shard; return each sha256's first owner
-        `(shard_id, key)`."""
+        """Register the `(sha256, key)` pairs one shard holds (in place of what it held
+        before); return each sha256's owner `(shard_id, key)`: the smallest holder."""
+        ...
+
+    def owners(self, shas: list[str]) -> dict[str, tuple[str, str]]:
+        """The current owner of each of `shas` that has one."""
         ...
 
 
 class StageInputs(Protocol):
-    """What a shard's fingerprint reads of the state: its stages, its takedown matches."""
+    """What a shard's fingerprint reads of the state: its stages (with the inputs each ran
+    on), its takedown matches, its dedup epoch."""
 
     def get_stage(self, shard_id: str, stage: str) -> StageState: ...
 
     def takedown_matches(self, shard_id: str) -> list[tuple[int, str]]:
         """(request id, key) of every recorded takedown match in the shard, sorted."""
+        ...
+
+    def dedup_epoch(self, shard_id: str) -> int:
+        """How many times the owner of an image the shard holds changed under it
+        (`facecaption.state.dedup`)."""
         ...
 
 
@@ -53,9 +66,12 @@ class StageContext:
     takedowns: TakedownIndex | None = None
     # The fingerprint this run records (outputs may carry it as provenance).
     fingerprint: str = ""
-    # The stage's own earlier outputs when they were made with the same fingerprint: a stage
-    # may keep what in them is final and redo only the rest.
+    # The stage's own earlier outputs when they were made from the same inputs (apart from
+    # `cross_shard_inputs`): a stage may keep what in them is final and redo only the rest.
     previous: StageState | None = None
+    # What the fingerprint covers (`shard_inputs` and `settings_inputs`): e.g. the checksums
+    # of the input stage's artifacts, which a stage may check what it reads against.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,9 @@ class Stage(Protocol):
     name: str
     version: str
     artifact_names: tuple[str, ...]
+    # Keys of `shard_inputs` decided together with other shards (fetch: who owns each
+    # image). A change makes the outputs stale, but a re-run may keep what is final in them.
+    cross_shard_inputs: tuple[str, ...]
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         """What of the settings and models shapes this stage's outputs (any shard)."""
@@ -87,10 +106,39 @@ class Stage(Protocol):
 def upstream_checksums(inputs: StageInputs, shard_id: str, stage: str) -> dict[str, str]:
     """The sha256 of each artifact `stage` left for this shard, which a later stage's
     fingerprint covers; StageInputError when `stage` is not done."""
-    upstream = inputs.get_stage(shard_id, stage)
+    return _checksums(inputs.get_stage(shard_id, stage))
+
+
+def _checksums(upstream: StageState) -> dict[str, str]:
     if upstream.status != "done":
-        raise StageInputError(f"{stage} of shard {shard_id} is {upstream.status}, not done")
+        raise StageInputError(
+            f"{upstream.stage} of shard {upstream.shard_id} is {upstream.status}, not done"
+        )
     return {name: ref["sha256"] for name, ref in sorted(upstream.artifacts.items())}
+
+
+def upstream_chain(
+    inputs: StageInputs, shard_id: str, stages: Sequence[str]
+) -> dict[str, dict[str, str]]:
+    """The artifact checksums of `stages`, a chain in which each stage reads the one before
+    it, for a stage that reads them all together (export joins rows across them).
+    StageInputError when one is not done, or ran on other outputs of the one before it than
+    there are now (it is stale: run it again)."""
+    checksums: dict[str, dict[str, str]] = {}
+    before: str | None = None
+    for stage in stages:
+        upstream = inputs.get_stage(shard_id, stage)
+        checksums[stage] = _checksums(upstream)
+        if before is not None:
+            ran_on = upstream.inputs
+            # rows from before the inputs were recorded cannot be checked
+            if ran_on is not None and ran_on.get(before) != checksums[before]:
+                raise StageInputError(
+                    f"{stage} of shard {shard_id} ran on other {before} outputs than there are"
+                    f" now (it is stale): run {stage} again"
+                )
+        before = stage
+    return checksums
 
 
 def stage_registry() -> dict[str, Stage]:

@@ -95,6 +95,7 @@ class DetectStage:
     # 2: orientation decided by `exif_orientation` for pixels and boxes alike
     version = "2"
     artifact_names = (FACES_TAR, FACES_PARQUET)
+    cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {"settings": settings.detect.output_settings(), "model": detector_identity(settings)}

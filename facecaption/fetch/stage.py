@@ -1,8 +1,9 @@
 """Fetch: a shard's URLs become `fetch.tar` (original image bytes + per-sample json, webdataset)
 and `fetch.parquet` (one row per source row, with a typed status).
 
-Statuses: `ok`; `duplicate` (the same bytes were kept first by the row `duplicate_of`, in this
-shard or another); the policy outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
+Statuses: `ok`; `duplicate` (the same bytes are kept by the row `duplicate_of`, in this shard or
+another: the owner, the smallest (shard id, key) holding them, see `state.dedup`); the policy
+outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
 `taken_down` (the URL or the image's sha256 is under a takedown request); and
 the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
 `too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`,
@@ -13,7 +14,10 @@ included. Bytes are stored exactly as downloaded (native resolution, no re-encod
 files are in source row order; the parquet is published last.
 
 A forced re-run over outputs made with the same settings keeps every row whose status is final
-(and its bytes) and fetches again only the transient failures (see `retry_later`).
+(and its bytes) and fetches again only the transient failures (see `retry_later`). The same
+holds for a re-run because the owner of one of its images changed (the fingerprint covers the
+shard's `dedup_epoch`): rows are marked again, and a duplicate row that now owns bytes this
+shard does not have is fetched again.
 """
 
 from __future__ import annotations
@@ -105,6 +109,10 @@ class Spool:
         self._where[row] = (self._file.tell(), len(body))
         self._file.write(body)
 
+    def share(self, row: int, with_row: int) -> None:
+        """`row` has the same bytes as `with_row` (stored once)."""
+        self._where[row] = self._where[with_row]
+
     def __contains__(self, row: int) -> bool:
         return row in self._where
 
@@ -128,16 +136,21 @@ class FetchStage:
     name = "fetch"
     version = "2"
     artifact_names = (FETCH_TAR, FETCH_PARQUET)
+    cross_shard_inputs = ("dedup",)
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {"settings": settings.fetch.output_settings()}
 
     def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
-        return {
+        own: dict[str, Any] = {
             "source_id": shard.source_id,
             "rows": [shard.row_start, shard.row_end],
             "columns": shard.columns,
         }
+        epoch = inputs.dedup_epoch(shard.shard_id)
+        if epoch:  # the owner of one of its images changed since it was first fetched
+            own["dedup"] = epoch
+        return own
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.fetch
@@ -155,6 +168,7 @@ class FetchStage:
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
                 drop_taken_down_images(records, context.takedowns)
+                share_bytes(records, spool)
                 mark_duplicates(records, shard.shard_id, context.dedup)
                 write_tar(records, spool, tmp_tar)
             tar_ref = store.describe(tar_path, tmp_tar)
@@ -194,7 +208,21 @@ class FetchStage:
                 if ext != "json" and int(key) in kept:
                     spool.add(int(key), payload)
         # an ok row whose bytes are missing from the tar cannot be kept as ok
-        return {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
+        kept = {row: r for row, r in kept.items() if r["status"] != "ok" or row in spool}
+        # A duplicate whose bytes no row here has, and which the index now names as the
+        # owner (its owner stopped holding them), must get its bytes again.
+        here = {r["sha256"] for row, r in kept.items() if r["status"] == "ok"}
+        elsewhere = {
+            row: r
+            for row, r in kept.items()
+            if r["status"] == "duplicate" and r["sha256"] not in here
+        }
+        owners = context.dedup.owners(sorted({r["sha256"] for r in elsewhere.values()}))
+        for row, record in elsewhere.items():
+            owner = owners.get(record["sha256"])
+            if owner is None or owner == (shard_id, record["key"]):
+                del kept[row]
+        return kept
 
 
 def check_rows(
@@ -287,14 +315,32 @@ def skip_taken_down_urls(
 
 
 def drop_taken_down_images(records: list[dict[str, Any]], takedowns: TakedownIndex | None) -> None:
-    """Downloaded images whose bytes are under a takedown become `taken_down` and are not
-    stored."""
+    """Rows holding bytes under a takedown (downloaded now, or kept from an earlier run)
+    become `taken_down`, and the bytes are not stored."""
     if takedowns is None:
         return
-    blocked = takedowns.blocked("sha256", [r["sha256"] for r in records if r["status"] == "ok"])
+    held = [r for r in records if r["status"] in FETCH_KEPT]
+    blocked = takedowns.blocked("sha256", [r["sha256"] for r in held])
+    for record in held:
+        if record["sha256"] in blocked:
+            record.update(
+                status="taken_down",
+                error="image sha256 under a takedown request",
+                duplicate_of=None,
+            )
+
+
+def share_bytes(records: list[dict[str, Any]], spool: Spool) -> None:
+    """Duplicates of bytes that this shard has (kept from an earlier run) get them back and
+    are `ok` again, so that `mark_duplicates` decides every row that holds an image afresh."""
+    with_bytes: dict[str, int] = {}
     for record in records:
-        if record["status"] == "ok" and record["sha256"] in blocked:
-            record.update(status="taken_down", error="image sha256 under a takedown request")
+        if record["status"] == "ok":
+            with_bytes.setdefault(record["sha256"], record["row"])
+    for record in records:
+        if record["status"] == "duplicate" and record["sha256"] in with_bytes:
+            spool.share(record["row"], with_bytes[record["sha256"]])
+            record.update(status="ok", duplicate_of=None)
 
 
 def kept_images(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -308,23 +354,27 @@ def kept_images(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def mark_duplicates(records: list[dict[str, Any]], shard_id: str, dedup: DedupIndex) -> None:
-    """Keep each image's bytes once: the first row in this shard, unless another shard
-    registered the same sha256 first. The others become `duplicate` with `duplicate_of`."""
-    first_in_shard: dict[str, str] = {}
+    """Keep each image's bytes once across shards: the owner, the smallest (shard id, key)
+    holding them, keeps them; every other row holding them becomes `duplicate` with
+    `duplicate_of` naming the owner.
+
+    Rows hold an image when `ok` (bytes in the spool) or `duplicate` (kept from an earlier
+    run; the bytes are in another shard). This shard registers its first row per image."""
+    first: dict[str, dict[str, Any]] = {}
     for record in records:
-        if record["status"] != "ok":
+        if record["status"] in FETCH_KEPT:
+            first.setdefault(record["sha256"], record)
+    owners = dedup.claim(shard_id, [(sha, record["key"]) for sha, record in first.items()])
+    for record in records:
+        if record["status"] not in FETCH_KEPT:
             continue
-        sha = record["sha256"]
-        if sha in first_in_shard:
-            record.update(status="duplicate", duplicate_of=f"{shard_id}/{first_in_shard[sha]}")
-        else:
-            first_in_shard[sha] = record["key"]
-    owners = dedup.claim(shard_id, [(sha, key) for sha, key in first_in_shard.items()])
-    for record in records:
-        if record["status"] == "ok":
-            owner = owners[record["sha256"]]
-            if owner != (shard_id, record["key"]):
-                record.update(status="duplicate", duplicate_of=f"{owner[0]}/{owner[1]}")
+        owner = owners[record["sha256"]]
+        if owner == (shard_id, record["key"]):
+            # The owner. One without the bytes here (the index changed after this run
+            # looked) stays as it was: the change made this shard stale, and its next run
+            # fetches the bytes.
+            continue
+        record.update(status="duplicate", duplicate_of=f"{owner[0]}/{owner[1]}")
 
 
 def write_tar(records: list[dict[str, Any]], spool: Spool, tar_path: Path) -> None:

@@ -12,31 +12,52 @@ Rows under a takedown (their URL or image sha256 was requested, or they were mat
 takedown DAG) are left out; the fingerprint covers the recorded matches, so a takedown makes
 exactly the affected shards stale. `facecaption.release.publish` assembles shard exports into files.
 
+Export joins rows of four stages, so it checks that they fit together before it writes: each
+stage must have run on the outputs its input stage holds now (else that stage is stale:
+StageInputError from the fingerprint, before anything runs), every file must have the checksum
+and the columns recorded for it, and every caption must have its face, attributes and fetched
+image. A shard that fails these is not exported (StageInputError, a permanent error: running
+the earlier stages again fixes it), and the release leaves it out with the reason.
+
 The export also works out the shard's statistics for the dataset report once
-(`facecaption.release.stats`); they are stored with its state, not as an artifact.
+(`facecaption.release.stats`), from the same checked input files; they are stored with its
+state, not as an artifact.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
 from PIL import Image
 
 from facecaption.core.artifacts import (
     ATTRIBUTES_PARQUET,
+    ATTRIBUTES_SCHEMA,
     CAPTIONS_PARQUET,
+    CAPTIONS_SCHEMA,
     FACES_PARQUET,
+    FACES_SCHEMA,
     FACES_TAR,
     FETCH_PARQUET,
+    FETCH_SCHEMA,
     RELEASE_PARQUET,
     RELEASE_SCHEMA,
     TRAIN_TAR,
 )
-from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
+from facecaption.core.stage import (
+    StageContext,
+    StageInputError,
+    StageInputs,
+    StageResult,
+    upstream_chain,
+)
+from facecaption.core.store import ArtifactChecksumError
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.release.stats import shard_stats
 from facecaption.settings import Settings
@@ -49,8 +70,63 @@ def training_key(face_id: str) -> str:
     return face_id.replace("/", "_")
 
 
-def _read(store: Any, shard_id: str, name: str, columns: list[str] | None = None) -> list[dict]:
-    return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
+# the stages whose outputs an export joins, each the input of the next
+UPSTREAM = ("fetch", "detect", "attribute", "caption")
+FACE_COLUMNS = [
+    "face_id", "key", "x1", "y1", "x2", "y2", "landmarks", "score", "crop_width",
+    "crop_height", "image_width", "image_height", "detector_id",
+]  # fmt: skip
+
+
+# each parquet input: the stage that wrote it, its schema
+INPUT_TABLES = {
+    FETCH_PARQUET: ("fetch", FETCH_SCHEMA),
+    FACES_PARQUET: ("detect", FACES_SCHEMA),
+    ATTRIBUTES_PARQUET: ("attribute", ATTRIBUTES_SCHEMA),
+    CAPTIONS_PARQUET: ("caption", CAPTIONS_SCHEMA),
+}
+
+
+class InputTables:
+    """The parquet artifacts an export reads, each read once, whole, and checked against the
+    checksum its fingerprint covers; the release rows and the report statistics are made from
+    the same checked bytes."""
+
+    def __init__(self, context: StageContext) -> None:
+        self.context = context
+        self._tables: dict[str, pa.Table] = {}
+
+    def rows(self, name: str, columns: list[str]) -> list[dict[str, Any]]:
+        """`columns` of the input artifact `name`, checked against its schema as well;
+        StageInputError when missing, changed, unreadable or lacking."""
+        stage, schema = INPUT_TABLES[name]
+        store, shard_id = self.context.store, self.context.shard.shard_id
+        table = self._tables.get(name)
+        if table is None:
+            try:
+                table = store.read_table(
+                    store.shard_path(shard_id, name), sha256=self.context.inputs[stage][name]
+                )
+            except (OSError, pa.ArrowException, ArtifactChecksumError) as error:
+                raise StageInputError(
+                    f"{name} of shard {shard_id} cannot be used: {error}"
+                ) from error
+            self._tables[name] = table
+        for column in columns:
+            expected = schema.field(column).type
+            index = table.schema.get_field_index(column)
+            if index < 0 or not table.schema.field(index).type.equals(expected):
+                raise StageInputError(
+                    f"{name} of shard {shard_id} has no column {column} of type {expected}"
+                )
+        return table.select(columns).to_pylist()
+
+
+def _mismatch(shard_id: str, what: str) -> StageInputError:
+    return StageInputError(
+        f"the outputs of shard {shard_id} do not fit together: {what}; run detect and the"
+        " stages after it again"
+    )
 
 
 def taken_down_keys(
@@ -70,45 +146,58 @@ def taken_down_keys(
 class ExportStage:
     name = "export"
     version = "1"
-    artifact_names = (RELEASE_PARQUET,)  # + TRAIN_TAR with export.training_shards
+    artifact_names = (RELEASE_PARQUET, TRAIN_TAR)  # TRAIN_TAR with export.training_shards
+    cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
         return {"settings": settings.export.output_settings()}
 
     def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
-        upstream = {
-            stage: upstream_checksums(inputs, shard.shard_id, stage)
-            for stage in ("fetch", "detect", "attribute", "caption")
-        }
+        upstream: dict[str, Any] = upstream_chain(inputs, shard.shard_id, UPSTREAM)
         if not settings.export.training_shards:
             upstream["detect"].pop(FACES_TAR, None)  # crops matter only to training shards
         return {**upstream, "takedowns": inputs.takedown_matches(shard.shard_id)}
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.export
+        tables = InputTables(context)
         fetched = {
             row["key"]: row
-            for row in _read(
-                store,
-                shard.shard_id,
-                FETCH_PARQUET,
-                ["key", "url", "caption", "sample_id", "sha256", "status"],
-            )  # fmt: skip
+            for row in tables.rows(
+                FETCH_PARQUET, ["key", "url", "caption", "sample_id", "sha256", "status"]
+            )
             if row["status"] == "ok"
         }
-        faces = {row["face_id"]: row for row in _read(store, shard.shard_id, FACES_PARQUET)}
+        faces = {row["face_id"]: row for row in tables.rows(FACES_PARQUET, FACE_COLUMNS)}
         attributes = {
             row["face_id"]: row
-            for row in _read(
-                store, shard.shard_id, ATTRIBUTES_PARQUET, ["face_id", "valid_labels", "model_id"]
-            )
+            for row in tables.rows(ATTRIBUTES_PARQUET, ["face_id", "valid_labels", "model_id"])
         }
+        captions = tables.rows(
+            CAPTIONS_PARQUET,
+            ["face_id", "raw_text", "caption", "caption_source", "fidelity", "model_id"],
+        )
         blocked = taken_down_keys(context.takedowns, shard.shard_id, fetched)
         counts: Counter[str] = Counter(captioned=0, released=0, taken_down=0)
         rows = []
-        for caption in _read(store, shard.shard_id, CAPTIONS_PARQUET):
+        for caption in captions:
             counts["captioned"] += 1
-            face = faces[caption["face_id"]]
+            face = faces.get(caption["face_id"])
+            if face is None:
+                raise _mismatch(
+                    shard.shard_id,
+                    f"face {caption['face_id']} has a caption but no row in {FACES_PARQUET}",
+                )
+            if caption["face_id"] not in attributes:
+                raise _mismatch(
+                    shard.shard_id, f"face {caption['face_id']} has a caption but no attributes"
+                )
+            if face["key"] not in fetched:
+                raise _mismatch(
+                    shard.shard_id,
+                    f"face {face['face_id']} is on row {face['key']}, which is not an ok image"
+                    f" in {FETCH_PARQUET}",
+                )
             if face["key"] in blocked:
                 counts["taken_down"] += 1
                 continue
@@ -130,17 +219,29 @@ class ExportStage:
             artifacts = {RELEASE_PARQUET: store.describe(path, tmp)}
         if limits.training_shards:
             tar_path = store.shard_path(shard.shard_id, TRAIN_TAR)
-            with (
-                store.open(store.shard_path(shard.shard_id, FACES_TAR)) as crops,
-                store.publish(tar_path) as tmp_tar,
-            ):
-                counts["training_samples"] = write_training_shard(
-                    rows, crops, tmp_tar, limits.jpeg_quality
-                )
-                artifacts[TRAIN_TAR] = store.describe(tar_path, tmp_tar)
-        stats = shard_stats(
-            store, shard.shard_id, [row["face_id"] for row in rows], limits.quality_crops_per_shard
-        )
+            crops_path = store.shard_path(shard.shard_id, FACES_TAR)
+            try:
+                with (
+                    store.open_checked(crops_path, context.inputs["detect"][FACES_TAR]) as crops,
+                    store.publish(tar_path) as tmp_tar,
+                ):
+                    counts["training_samples"] = write_training_shard(
+                        rows, crops, tmp_tar, limits.jpeg_quality
+                    )
+                    artifacts[TRAIN_TAR] = store.describe(tar_path, tmp_tar)
+            except (FileNotFoundError, tarfile.TarError, ArtifactChecksumError) as error:
+                raise StageInputError(
+                    f"{FACES_TAR} of shard {shard.shard_id} cannot be used: {error}"
+                ) from error
+        try:
+            stats = shard_stats(
+                store, shard.shard_id, [row["face_id"] for row in rows],
+                limits.quality_crops_per_shard, read=tables.rows,
+            )  # fmt: skip
+        except (OSError, tarfile.TarError) as error:  # faces.tar, read for the quality sample
+            raise StageInputError(
+                f"{FACES_TAR} of shard {shard.shard_id} cannot be used: {error}"
+            ) from error
         return StageResult(counts=dict(sorted(counts.items())), artifacts=artifacts, stats=stats)
 
 

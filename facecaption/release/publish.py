@@ -17,14 +17,30 @@ Before assembling, an export matches pending takedown requests against the index
 images (by URL, by sha256, and by the sha256 of a requested URL's image, which finds the same
 picture under other URLs; all requests in one statement, no artifact read), re-exports exactly
 the affected shards and records, per request, when it was applied and which files changed.
+
+One shard never stops a publish: a shard whose outputs are missing, stale, changed or do not
+fit together (its export raises StageInputError, or its `release.parquet` or `train.tar` is
+not the file recorded for it) is left out, with the reason in the manifest's `excluded`. A
+shard that another worker is exporting right now keeps its last finished export, unless
+takedowns matched it since. A shard fetched before the index existed whose `fetch.parquet`
+cannot be read to index it may hold rows under a pending request: while there are pending
+requests it is left out, and the requests stay pending (matched again next time).
+
+A publish holds the release lock and the newest publish attempt (`release_attempts`): every
+file goes into the release folder under that attempt's fence, so a publish that lost its lock
+(Postgres restarted, ...) cannot overwrite a newer one's files, and each publish first removes
+the temporary files that older ones (killed, or fenced out) left in the folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -37,10 +53,18 @@ from facecaption.core.artifacts import (
     RELEASE_SCHEMA,
     TRAIN_TAR,
 )
+from facecaption.core.runner import as_recorded
 from facecaption.core.stage import StageInputError
-from facecaption.release.takedowns import match_pending_takedowns
-from facecaption.state import ShardBusyError
-from facecaption.state.exports import record_export
+from facecaption.core.store import ArtifactChecksumError, ArtifactStore
+from facecaption.release.takedowns import index_unindexed_fetches
+from facecaption.settings import ExportSettings
+from facecaption.state import ShardBusyError, StageState
+from facecaption.state.exports import (
+    hold_release_attempt,
+    record_export,
+    start_release_attempt,
+)
+from facecaption.state.shards import worker_name
 from facecaption.state.takedowns import TakedownIndex
 
 if TYPE_CHECKING:
@@ -48,6 +72,18 @@ if TYPE_CHECKING:
 
 FORMAT = "facecaption-release/1"
 RELEASE_LOCK = ("release", "publish")
+RELEASE_OWNER = "release"  # names the release folder's temporary files: `release-{attempt}`
+
+
+class ShardReleaseError(Exception):
+    """A shard's export cannot go into this release (its file is missing or not the one
+    recorded); the publish leaves the shard out and assembles again."""
+
+    def __init__(self, shard_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.shard_id = shard_id
+        self.reason = reason
+        self.written: list[str] = []  # release files the failed assembly wrote before
 
 
 @dataclass(frozen=True)
@@ -92,24 +128,45 @@ def read_manifest(pipeline: Pipeline) -> dict[str, Any] | None:
         return json.load(handle)
 
 
+@contextmanager
+def release_ownership(pipeline: Pipeline) -> Iterator[ArtifactStore]:
+    """Hold the release for the block: its lock (waiting up to `busy_wait_s` for another
+    publish) and a new publish attempt, the newest; yields the store whose every publication
+    runs under that attempt's fence. First removes what older publishes left half-written."""
+    state = pipeline.state
+    with state.claim(*RELEASE_LOCK, wait_s=pipeline.settings.busy_wait_s):
+        attempt = start_release_attempt(state.engine, worker_name())
+        fence = partial(hold_release_attempt, state.engine, attempt)
+        pipeline.store.remove_partials(release_root(pipeline), RELEASE_OWNER, attempt, None)
+        yield pipeline.store.owned_by(RELEASE_OWNER, attempt, fence)
+
+
 def publish_release(pipeline: Pipeline) -> ReleaseReport:
     """Export every captioned shard (skipping what is up to date), apply pending takedowns,
     and publish the release files and manifest; record the export in the state DB."""
-    with pipeline.state.claim(*RELEASE_LOCK):
+    with release_ownership(pipeline) as store:
         takedowns = TakedownIndex(pipeline.state.engine)
-        matched = match_pending_takedowns(pipeline)
-        pending = list(matched)
+        unreadable = index_unindexed_fetches(pipeline, takedowns)
+        matched = takedowns.match_pending()  # match_pending_takedowns, keeping `unreadable`
         exported, excluded = export_shards(pipeline)
+        applied = list(matched)
+        if matched and unreadable:
+            # a shard that matching could not read may hold rows under a request: it stays
+            # out, and so do the requests (pending, matched again next time)
+            for shard, reason in unreadable.items():
+                exported.pop(shard, None)
+                excluded[shard] = reason
+            applied = []
         previous = read_manifest(pipeline) or {"files": [], "training_shards": [], "version": 0}
-        report = _assemble(pipeline, exported, excluded, previous, takedowns.request_ids())
+        report = _assemble(pipeline, store, exported, excluded, previous, takedowns.request_ids())
         outputs = {
             "export_id": report.export_id,
             "written": report.files_written,
             "removed": report.files_removed,
         }
-        for request_id, summary in matched.items():
-            takedowns.mark_applied(request_id, summary, outputs)
-        return replace(report, takedowns_applied=pending)
+        for request_id in applied:
+            takedowns.mark_applied(request_id, matched[request_id], outputs)
+        return replace(report, takedowns_applied=applied)
 
 
 def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -124,18 +181,44 @@ def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[s
             excluded[shard.shard_id] = str(error)
             continue
         except ShardBusyError:
-            pass  # another run is exporting it now: release what it last finished, if any
+            # another worker is exporting it now: release what it last finished, if it can be
+            state = pipeline.state.get_stage(shard.shard_id, "export")
+            reason = _last_export_unusable(pipeline, state)
+            if reason:
+                excluded[shard.shard_id] = reason
+            else:
+                exported[shard.shard_id] = _export_entry(state)
+            continue
         state = pipeline.state.get_stage(shard.shard_id, "export")
         if state.status != "done" or RELEASE_PARQUET not in state.artifacts:
             excluded[shard.shard_id] = f"export of shard {shard.shard_id} is {state.status}"
             continue
-        exported[shard.shard_id] = {
-            "fingerprint": state.fingerprint,
-            "rows": state.counts.get("released", 0),
-            "samples": state.counts.get("training_samples", 0),
-            "artifacts": state.artifacts,
-        }
+        exported[shard.shard_id] = _export_entry(state)
     return exported, excluded
+
+
+def _export_entry(state: StageState) -> dict[str, Any]:
+    return {
+        "fingerprint": state.fingerprint,
+        "rows": state.counts.get("released", 0),
+        "samples": state.counts.get("training_samples", 0),
+        "artifacts": state.artifacts,
+    }
+
+
+def _last_export_unusable(pipeline: Pipeline, state: StageState) -> str | None:
+    """Why the last finished export of a shard busy elsewhere cannot be released, if so.
+    While a new attempt runs, the state row still describes the last finished one."""
+    if state.fingerprint is None or RELEASE_PARQUET not in state.artifacts:
+        return f"export of shard {state.shard_id} is {state.status} elsewhere, never finished"
+    matches = as_recorded(TakedownIndex(pipeline.state.engine).shard_matches(state.shard_id))
+    covered = (state.inputs or {}).get("takedowns", [])
+    if matches != covered:
+        return (
+            f"export of shard {state.shard_id} is {state.status} elsewhere, and its last"
+            " finished export predates takedown matches in it"
+        )
+    return None
 
 
 def _groups(
@@ -168,44 +251,27 @@ def _content_key(shards: list[str], exported: dict[str, dict[str, Any]], row_gro
 
 def _assemble(
     pipeline: Pipeline,
+    store: ArtifactStore,
     exported: dict[str, dict[str, Any]],
     excluded: dict[str, str],
     previous: dict[str, Any],
     takedown_ids: list[int],
 ) -> ReleaseReport:
-    store, limits = pipeline.store, pipeline.settings.export
+    limits = pipeline.settings.export
     root = release_root(pipeline)
     before = {entry["path"]: entry for entry in previous["files"] + previous["training_shards"]}
-    written: list[str] = []
-    files = []
-    for index, shards in _groups(previous, exported, limits.rows_per_file):
-        name = f"data/part-{index:05d}-{_content_key(shards, exported, limits.row_group_size)}"
-        name += ".parquet"
-        entry = before.get(name)
-        if entry is None or not store.exists(f"{root}/{name}"):
-            entry = _write_file(pipeline, f"{root}/{name}", shards, limits.row_group_size)
-            entry.update(path=name, index=index, shards=shards)
-            written.append(name)
-        files.append(entry)
-    training = []
-    for shard, state in sorted(exported.items()):
-        ref = state["artifacts"].get(TRAIN_TAR)
-        if ref is None:
-            continue
-        name = f"train/{shard}.tar"
-        entry = before.get(name)
-        if entry is None or entry["sha256"] != ref["sha256"] or not store.exists(f"{root}/{name}"):
-            store.publish_copy(store.shard_path(shard, TRAIN_TAR), f"{root}/{name}")
-            written.append(name)
-        training.append(
-            {
-                "path": name,
-                "shard_id": shard,
-                "sha256": ref["sha256"],
-                "bytes": ref["bytes"],
-                "samples": state["samples"],
-            }
-        )
+    while True:
+        try:
+            files, training, written = _write_files(store, root, exported, previous, before, limits)
+            break
+        except ShardReleaseError as error:
+            # Leave the shard out and assemble again; data files written so far that no
+            # manifest names are removed (their names carry the left-out shard's content).
+            excluded[error.shard_id] = error.reason
+            del exported[error.shard_id]
+            for name in error.written:
+                if name.startswith("data/") and name not in before:
+                    store.remove(f"{root}/{name}")
     kept = [e["path"] for e in files + training if e["path"] not in written]
     removed = sorted(set(before) - {e["path"] for e in files + training})
     manifest = {
@@ -221,7 +287,7 @@ def _assemble(
             shard: {"fingerprint": state["fingerprint"], "rows": state["rows"]}
             for shard, state in sorted(exported.items())
         },
-        "excluded": excluded,
+        "excluded": dict(sorted(excluded.items())),
         "takedown_requests": takedown_ids,
     }
     blob = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -237,16 +303,101 @@ def _assemble(
     return ReleaseReport(store.uri(root), manifest, export_id, written, removed, kept, excluded)
 
 
-def _write_file(pipeline: Pipeline, path: str, shards: list[str], row_group: int) -> dict:
+def _write_files(
+    store: ArtifactStore,
+    root: str,
+    exported: dict[str, dict[str, Any]],
+    previous: dict[str, Any],
+    before: dict[str, dict[str, Any]],
+    limits: ExportSettings,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The release's data files and training shards, written where they changed; what was
+    written. ShardReleaseError (carrying what was written so far) for a shard that fails."""
+    written: list[str] = []
+    try:
+        files = []
+        for index, shards in _groups(previous, exported, limits.rows_per_file):
+            key = _content_key(shards, exported, limits.row_group_size)
+            name = f"data/part-{index:05d}-{key}.parquet"
+            entry = before.get(name)
+            if entry is None or not store.exists(f"{root}/{name}"):
+                entry = _write_file(
+                    store, f"{root}/{name}", shards, exported, limits.row_group_size
+                )
+                entry.update(path=name, index=index, shards=shards)
+                written.append(name)
+            files.append(entry)
+        training = []
+        for shard, state in sorted(exported.items()):
+            ref = state["artifacts"].get(TRAIN_TAR)
+            if ref is None:
+                continue
+            name = f"train/{shard}.tar"
+            entry = before.get(name)
+            if (
+                entry is None
+                or entry["sha256"] != ref["sha256"]
+                or not store.exists(f"{root}/{name}")
+            ):
+                try:
+                    store.publish_copy(
+                        store.shard_path(shard, TRAIN_TAR), f"{root}/{name}", ref["sha256"]
+                    )
+                except (FileNotFoundError, ArtifactChecksumError) as error:
+                    raise ShardReleaseError(
+                        shard, f"{TRAIN_TAR} of shard {shard} cannot be used: {error}"
+                    ) from error
+                written.append(name)
+            training.append(
+                {
+                    "path": name,
+                    "shard_id": shard,
+                    "sha256": ref["sha256"],
+                    "bytes": ref["bytes"],
+                    "samples": state["samples"],
+                }
+            )
+    except ShardReleaseError as error:
+        error.written = written
+        raise
+    return files, training, written
+
+
+def _shard_table(store: ArtifactStore, shard: str, state: dict[str, Any]) -> pa.Table:
+    """A shard's export as recorded: the same bytes, the release's columns."""
+    try:
+        table = store.read_table(
+            store.shard_path(shard, RELEASE_PARQUET),
+            sha256=state["artifacts"][RELEASE_PARQUET]["sha256"],
+        )
+    except (OSError, pa.ArrowException, ArtifactChecksumError) as error:
+        raise ShardReleaseError(
+            shard, f"{RELEASE_PARQUET} of shard {shard} cannot be used: {error}"
+        ) from error
+    if not table.schema.equals(RELEASE_SCHEMA):
+        raise ShardReleaseError(
+            shard,
+            f"{RELEASE_PARQUET} of shard {shard} has other columns than the release:"
+            f" {', '.join(f'{f.name} {f.type}' for f in table.schema)}",
+        )
+    return table
+
+
+def _write_file(
+    store: ArtifactStore,
+    path: str,
+    shards: list[str],
+    exported: dict[str, dict[str, Any]],
+    row_group: int,
+) -> dict:
     """One release parquet from whole shard exports, in row groups of `row_group` rows."""
-    store = pipeline.store
     rows = groups = 0
     with store.publish(path) as tmp:
         with pq.ParquetWriter(tmp, RELEASE_SCHEMA, compression="zstd") as writer:
             pending: list[pa.Table] = []
             buffered = 0
             for shard in shards:
-                table = store.read_table(store.shard_path(shard, RELEASE_PARQUET))
+                table = _shard_table(store, shard, exported[shard])
                 pending.append(table)
                 buffered += table.num_rows
                 rows += table.num_rows

@@ -33,6 +33,7 @@ from facecaption.core.artifacts import (
     REPORT_NAME,
 )
 from facecaption.core.store import ArtifactStore
+from facecaption.release.publish import release_ownership
 from facecaption.release.stats import (
     BRISQUE_BINS,
     SIDE_BINS,
@@ -341,12 +342,16 @@ def _fmt(value: float | None) -> str:
 
 def write_report(pipeline: Pipeline, out: Path | None = None) -> str:
     """Collect, render and publish the report: at `{root}/release/report.html` in the
-    artifact store, or at a local `out` path. Either way it appears whole or not at all."""
+    artifact store (holding the release, like a publish), or at a local `out` path. Either
+    way it appears whole or not at all."""
     page = render(collect(pipeline))
-    store, target = pipeline.store, f"{pipeline.store.root}/{RELEASE_DIR}/{REPORT_NAME}"
     if out is not None:
         out = out.expanduser().resolve()
         store, target = ArtifactStore(str(out.parent)), str(out)
-    with store.publish(target) as tmp:
+        with store.publish(target) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        return store.uri(target)
+    target = f"{pipeline.store.root}/{RELEASE_DIR}/{REPORT_NAME}"
+    with release_ownership(pipeline) as store, store.publish(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return store.uri(target)

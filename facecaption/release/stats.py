@@ -21,7 +21,7 @@ import io
 import math
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -119,13 +119,17 @@ def shard_stats(
     shard_id: str,
     released_face_ids: list[str],
     quality_crops: int,
+    read: Callable[[str, list[str]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The report's statistics of one exported shard, read from its artifacts column by
-    column; `released_face_ids` are its release rows' face ids."""
-    path = store.shard_path
+    column; `released_face_ids` are its release rows' face ids. `read(name, columns)` reads
+    a parquet artifact's columns (the export passes the input files it checked); by default
+    they are read from the store as they are."""
 
-    def column_rows(name: str, columns: list[str]) -> list[dict[str, Any]]:
-        return store.read_table(path(shard_id, name), columns).to_pylist()
+    def from_store(name: str, columns: list[str]) -> list[dict[str, Any]]:
+        return store.read_table(store.shard_path(shard_id, name), columns).to_pylist()
+
+    column_rows = read or from_store
 
     image_sides = [
         min(row["width"], row["height"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from facecaption.core.artifacts import FETCH_PARQUET
 from facecaption.fetch.stage import kept_images
 from facecaption.state.takedowns import TakedownIndex
@@ -21,22 +23,32 @@ if TYPE_CHECKING:
 
 def match_pending_takedowns(pipeline: Pipeline) -> dict[int, dict[str, Any]]:
     """Record the matches of every request not applied yet; per request, a summary of what
-    matched (`rows`, `shards`, `sha256s`)."""
+    matched (`rows`, `shards`, `sha256s`). A shard whose `fetch.parquet` could not be read
+    to index it is not in the index (see `index_unindexed_fetches`)."""
     takedowns = TakedownIndex(pipeline.state.engine)
     index_unindexed_fetches(pipeline, takedowns)
     return takedowns.match_pending()
 
 
-def index_unindexed_fetches(pipeline: Pipeline, takedowns: TakedownIndex) -> list[str]:
-    """Index the kept images of shards fetched before the index existed (read once)."""
+def index_unindexed_fetches(pipeline: Pipeline, takedowns: TakedownIndex) -> dict[str, str]:
+    """Index the kept images of shards fetched before the index existed (read once). Returns
+    the shards whose `fetch.parquet` could not be read, with why: requests may cover rows in
+    them that matching cannot see (they are tried again next time)."""
     store = pipeline.store
-    unindexed = takedowns.unindexed_fetches(FETCH_PARQUET)
-    for shard_id, parquet_sha256 in unindexed.items():
-        rows = store.read_table(
-            store.shard_path(shard_id, FETCH_PARQUET), ["key", "url", "sha256", "status"]
-        ).to_pylist()
+    unreadable: dict[str, str] = {}
+    for shard_id, parquet_sha256 in takedowns.unindexed_fetches(FETCH_PARQUET).items():
+        try:
+            rows = store.read_table(
+                store.shard_path(shard_id, FETCH_PARQUET), ["key", "url", "sha256", "status"]
+            ).to_pylist()
+        except (OSError, pa.ArrowException) as error:
+            unreadable[shard_id] = (
+                f"{FETCH_PARQUET} of shard {shard_id} cannot be read to match takedown requests:"
+                f" {error}"
+            )
+            continue
         takedowns.index_fetched(shard_id, parquet_sha256, kept_images(rows))
-    return list(unindexed)
+    return unreadable
 
 
 def request_takedown(

@@ -2,13 +2,21 @@
 
 Every write is a single-row upsert or an insert into the append-only `stage_events`, so
 workers on different shards never contend for the same rows. Work on one (shard, stage) is
-serialised by a session-level advisory lock held for the whole run: a second worker is told
-the shard is busy, and when a worker dies its connection closes and the lock is released, so
-a `running` row without its lock is recognisably abandoned.
+serialised by a session-level advisory lock held for the whole run (its key is 64 bits of a
+sha256 of the pair, so no two pairs share one): a second worker is told the shard is busy, and
+when a worker dies its connection closes and the lock is released, so a `running` row without
+its lock is recognisably abandoned.
+
+A lock can also be lost by a worker that is still running (Postgres restarted, the session
+was ended by an idle timeout or `pg_terminate_backend`), and another worker may then start a
+new attempt. The attempt number is the fencing token: whoever publishes an artifact first
+confirms, inside `hold_attempt`, that its attempt is still the current one, and keeps the row
+share-locked until the rename is done, so a new attempt can start only before or after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -33,6 +41,10 @@ _decode_json = msgspec.json.Decoder().decode
 
 class ShardBusyError(RuntimeError):
     """Another worker holds this (shard, stage)."""
+
+
+class AttemptTakenOverError(ShardBusyError):
+    """This worker lost its lock and another attempt started: its outputs are not published."""
 
 
 class UnknownShardError(PermanentError, LookupError):
@@ -100,6 +112,8 @@ class StageState:
     last_error: str | None = None
     fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # what the fingerprint covers, as recorded at `done` (None for rows from before 0005)
+    inputs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,8 +131,14 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _lock_keys(shard_id: str, stage: str) -> dict[str, str]:
-    return {"stage": stage, "shard": shard_id}
+def advisory_key(*parts: str) -> int:
+    """A 64-bit advisory lock key for a tuple of names (for the one-argument bigint lock
+    functions): the first 8 bytes of a sha256, so distinct tuples do not share a lock."""
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock wait that ran past lock_timeout
 
 
 class ShardState:
@@ -182,7 +202,8 @@ class ShardState:
         with self.engine.begin() as conn:
             # Planners of the same source queue here, so the count of new shards is exact.
             conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(hashtext(:id))"), {"id": source.source_id}
+                sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                {"key": advisory_key("source", source.source_id)},
             )
             conn.execute(
                 sa.text(
@@ -368,14 +389,22 @@ class ShardState:
             for row in rows
         ]
 
-    def work_table(self, shard_ids: Sequence[str] | None = None) -> list[StageState]:
+    def work_table(
+        self, shard_ids: Sequence[str] | None = None, input_keys: Sequence[str] = ()
+    ) -> list[StageState]:
         """The stage rows as work selection reads them: status, attempt, fingerprint,
-        artifacts, and of the counts only `retryable` (what selection looks at)."""
+        artifacts, of the counts only `retryable` (what selection looks at), and of the
+        inputs each ran on only `input_keys` (the input stages a fingerprint checks them
+        against; None for rows from before inputs were recorded)."""
         rows = self._stage_rows(
             "shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
             " CASE WHEN jsonb_typeof(counts -> 'retryable') = 'number'"
-            " THEN (counts ->> 'retryable')::numeric END AS retryable",
+            " THEN (counts ->> 'retryable')::numeric END AS retryable,"
+            " CASE WHEN inputs IS NOT NULL THEN COALESCE((SELECT jsonb_object_agg(i.key,"
+            " i.value) FROM jsonb_each(inputs) i WHERE i.key = ANY(CAST(:keys AS text[]))),"
+            " '{}')::text END AS inputs",
             shard_ids,
+            {"keys": list(input_keys)},
         )
         return [
             StageState(
@@ -386,13 +415,16 @@ class ShardState:
                 counts={"retryable": int(row.retryable)} if row.retryable else {},
                 artifacts=_decode_json(row.artifacts),
                 fingerprint=row.fingerprint,
+                inputs=None if row.inputs is None else _decode_json(row.inputs),
             )
             for row in rows
         ]
 
-    def _stage_rows(self, columns: str, shard_ids: Sequence[str] | None) -> list[Any]:
+    def _stage_rows(
+        self, columns: str, shard_ids: Sequence[str] | None, params: dict[str, Any] | None = None
+    ) -> list[Any]:
         query = f"SELECT {columns} FROM shard_stages"
-        params: dict[str, Any] = {}
+        params = dict(params or {})
         if shard_ids is not None:
             query += " WHERE shard_id = ANY(:ids)"
             params["ids"] = list(shard_ids)
@@ -437,35 +469,69 @@ class ShardState:
         return totals
 
     @contextmanager
-    def claim(self, shard_id: str, stage: str) -> Iterator[Connection]:
-        """Hold the (shard, stage) advisory lock for the duration of the block."""
+    def claim(self, shard_id: str, stage: str, *, wait_s: float = 0) -> Iterator[Connection]:
+        """Hold the (shard, stage) advisory lock for the duration of the block; wait up to
+        `wait_s` seconds for a worker that holds it, then ShardBusyError."""
+        key = advisory_key(stage, shard_id)
         with self.engine.connect() as conn:
-            got = conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(hashtext(:stage), hashtext(:shard))"),
-                _lock_keys(shard_id, stage),
-            ).scalar()
-            conn.commit()
+            if wait_s > 0:
+                got = self._wait_for_lock(conn, key, wait_s)
+            else:
+                got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key})
+                got = bool(got.scalar())
+                conn.commit()
             if not got:
                 raise ShardBusyError(f"{stage} of shard {shard_id} is running elsewhere")
             try:
                 yield conn
             finally:
-                self._release(conn, shard_id, stage)
+                self._release(conn, key)
 
     @staticmethod
-    def _release(conn: Connection, shard_id: str, stage: str) -> None:
+    def _wait_for_lock(conn: Connection, key: int, wait_s: float) -> bool:
+        try:
+            # lock_timeout bounds the wait; set for this transaction only
+            conn.execute(
+                sa.text("SELECT set_config('lock_timeout', :ms, true)"),
+                {"ms": f"{max(1, round(wait_s * 1000))}ms"},
+            )
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except sa.exc.OperationalError as error:
+            conn.rollback()
+            if getattr(error.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:
+                return False
+            raise
+        conn.commit()  # a session lock outlives the transaction that took it
+        return True
+
+    @staticmethod
+    def _release(conn: Connection, key: int) -> None:
         # A failed statement in the block leaves the transaction aborted; session locks
         # survive a rollback, so roll back first, then unlock.
         try:
             conn.rollback()
-            conn.execute(
-                sa.text("SELECT pg_advisory_unlock(hashtext(:stage), hashtext(:shard))"),
-                _lock_keys(shard_id, stage),
-            )
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             conn.commit()
         except sa.exc.DBAPIError:
             # Closing the server session releases its locks; never return it to the pool.
             conn.invalidate()
+
+    @contextmanager
+    def hold_attempt(self, shard_id: str, stage: str, attempt: int) -> Iterator[None]:
+        """Confirm that `attempt` is still the current, running attempt of (shard, stage) and
+        keep it so for the block (a new attempt waits until the block ends); otherwise
+        AttemptTakenOverError. Publishing an artifact happens inside this block."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT attempt, status, worker FROM shard_stages"
+                    " WHERE shard_id = :s AND stage = :t FOR SHARE"
+                ),
+                {"s": shard_id, "t": stage},
+            ).first()
+            if row is None or row.attempt != attempt or row.status != "running":
+                raise AttemptTakenOverError(_taken_over(shard_id, stage, attempt, row))
+            yield
 
     def mark_running(self, shard_id: str, stage: str, fingerprint: str, worker: str) -> int:
         """Start a new attempt; return its number. Call only while holding `claim`."""
@@ -509,10 +575,12 @@ class ShardState:
         artifacts: dict[str, dict[str, Any]],
         fingerprint: str,
         warnings: list[str] | None = None,
+        inputs: dict[str, Any] | None = None,
         stats: dict[str, Any] | None = None,
     ) -> None:
-        """Finish an attempt with its outputs; `stats` (report statistics) are kept in
-        `stage_stats`, not in the history."""
+        """Finish `attempt` as done with its outputs; AttemptTakenOverError when it is no
+        longer current. `stats` (report statistics) are kept in `stage_stats`, not in the
+        history."""
         self._finish(
             shard_id,
             stage,
@@ -522,11 +590,19 @@ class ShardState:
             artifacts=artifacts,
             fingerprint=fingerprint,
             warnings=warnings or [],
+            inputs=inputs,
             stats=stats,
         )
 
     def mark_failed(self, shard_id: str, stage: str, attempt: int, error: str) -> None:
-        self._finish(shard_id, stage, attempt, "failed", error=error)
+        """Finish `attempt` as failed with its error. An attempt that was taken over leaves
+        the current row alone: its failure goes into the history only."""
+        try:
+            self._finish(shard_id, stage, attempt, "failed", error=error)
+        except AttemptTakenOverError:
+            with self.engine.begin() as conn:
+                self._event(conn, shard_id, stage, attempt, "failed", worker=worker_name(),
+                            error=error)  # fmt: skip
 
     def _finish(
         self,
@@ -540,6 +616,7 @@ class ShardState:
         fingerprint: str | None = None,
         error: str | None = None,
         warnings: list[str] | None = None,
+        inputs: dict[str, Any] | None = None,
         stats: dict[str, Any] | None = None,
     ) -> None:
         with self.engine.begin() as conn:
@@ -549,8 +626,9 @@ class ShardState:
                     " counts = COALESCE(CAST(:c AS jsonb), counts),"
                     " artifacts = COALESCE(CAST(:a AS jsonb), artifacts),"
                     " fingerprint = COALESCE(:f, fingerprint), last_error = :e,"
-                    " warnings = COALESCE(CAST(:w AS jsonb), warnings), updated_at = now()"
-                    " WHERE shard_id = :s AND stage = :t AND attempt = :n"
+                    " warnings = COALESCE(CAST(:w AS jsonb), warnings),"
+                    " inputs = COALESCE(CAST(:i AS jsonb), inputs), updated_at = now()"
+                    " WHERE shard_id = :s AND stage = :t AND attempt = :n AND status = 'running'"
                     " RETURNING worker, started_at, finished_at"
                 ),
                 {
@@ -560,13 +638,21 @@ class ShardState:
                     "f": fingerprint,
                     "e": error,
                     "w": json.dumps(warnings) if warnings is not None else None,
+                    "i": json.dumps(inputs) if inputs is not None else None,
                     "s": shard_id,
                     "t": stage,
                     "n": attempt,
                 },
             ).first()
             if started is None:
-                raise RuntimeError(f"attempt {attempt} of {stage}/{shard_id} is not current")
+                current = conn.execute(
+                    sa.text(
+                        "SELECT attempt, status, worker FROM shard_stages"
+                        " WHERE shard_id = :s AND stage = :t"
+                    ),
+                    {"s": shard_id, "t": stage},
+                ).first()
+                raise AttemptTakenOverError(_taken_over(shard_id, stage, attempt, current))
             if stats is not None:
                 self._record_stats(conn, shard_id, stage, attempt, stats)
             duration = (started.finished_at - started.started_at).total_seconds()
@@ -675,3 +761,15 @@ class ShardState:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(query + " ORDER BY event_id"), {"s": shard_id, "t": stage})
             return [dict(row) for row in rows.mappings()]
+
+
+def _taken_over(shard_id: str, stage: str, attempt: int, current: Any) -> str:
+    if current is None:
+        return f"{stage} of shard {shard_id}: attempt {attempt} has no state row any more"
+    if current.attempt == attempt:
+        return f"{stage} of shard {shard_id}: attempt {attempt} is {current.status}, not running"
+    return (
+        f"{stage} of shard {shard_id}: attempt {attempt} lost its lock and was taken over by"
+        f" attempt {current.attempt} ({current.worker}, {current.status}); its outputs were not"
+        " published"
+    )
