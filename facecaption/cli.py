@@ -238,7 +238,12 @@ def _run(args: argparse.Namespace) -> int:
             for warning in outcome.warnings:
                 print(f"{outcome.shard_id} {outcome.stage}: warning: {warning}")
         if shard_run.busy:
-            then = "gave up waiting" if shard_run.waited else "skipped, will wait for it"
+            if shard_run.waited:
+                then = f"still busy after waiting {settings.busy_wait_s:g} s"
+            elif settings.busy_wait_s > 0:
+                then = "skipped; tried again after the other shards"
+            else:
+                then = "skipped"
             print(f"{shard_run.shard_id} {shard_run.busy} ({then})", file=sys.stderr)
         if shard_run.error:
             print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)

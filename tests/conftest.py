@@ -8,7 +8,6 @@ test a fresh copy of it, dropped afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ for _name in [
 ]:
     del os.environ[_name]
 
+from support.processes import settings_environment  # noqa: E402
 from support.sampledata import routes_for, sample_rows  # noqa: E402
 from support.samplesite import SampleSite  # noqa: E402
 from support.statistics_model import build_statistics_model  # noqa: E402
@@ -169,19 +169,7 @@ def settings(tmp_path: Path, db_url: str, statistics_model: Path) -> Settings:
 @pytest.fixture
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for subprocesses and Airflow tasks."""
-    env = {
-        "FACECAPTION_HOME": str(settings.home),
-        "FACECAPTION_DB_URL": settings.db_url or "",
-        "FACECAPTION_STORE_ROOT": settings.artifact_root,
-        "FACECAPTION_SHARD_SIZE": str(settings.shard_size),
-    }
-    for section in ("fetch", "detect", "attribute", "caption", "export"):
-        for name, value in getattr(settings, section).model_dump(mode="json").items():
-            if value is not None:
-                env[f"FACECAPTION_{section.upper()}__{name.upper()}"] = (
-                    json.dumps(value) if isinstance(value, list) else str(value)
-                )
-    return env
+    return settings_environment(settings)
 
 
 @pytest.fixture(scope="session")

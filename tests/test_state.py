@@ -6,13 +6,17 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from support.processes import sessions_waiting_on
+from test_fetch_web import wait_for
 
 from facecaption.core.pipeline import Pipeline
+from facecaption.core.store import ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import ShardBusyError, ShardState, Source, StateDBError
 from facecaption.state.db import (
@@ -24,6 +28,7 @@ from facecaption.state.db import (
     sqlalchemy_url,
     upgrade,
 )
+from facecaption.state.shards import AttemptTakenOverError
 
 STAGE = "fetch"
 
@@ -455,4 +460,107 @@ def test_claim_is_released_after_a_failed_statement_on_its_connection(
     ):
         conn.execute(sa.text("SELECT 1/0"))
     with other_state.claim(shard_ids[0], STAGE):
+        pass
+
+
+# -- lock keys and fencing ----------------------------------------------------------------------
+
+
+def test_claims_of_shards_whose_32_bit_hashes_collide_are_independent(
+    state: ShardState, other_state: ShardState
+) -> None:
+    # Shard ids that Postgres' 32-bit hashtext maps to the same number (about ten such pairs
+    # among 300,000 ids): keyed by it, a claim on one would have made the other busy.
+    with state.engine.connect() as conn:
+        first, second = conn.execute(
+            sa.text(
+                "SELECT ids[1], ids[2] FROM (SELECT array_agg(id) AS ids FROM"
+                " (SELECT 'abababababab_' || lpad(g::text, 9, '0') || '_000000010' AS id"
+                " FROM generate_series(1, 300000) g) candidates"
+                " GROUP BY hashtext(id) HAVING count(*) > 1 LIMIT 1) pairs"
+            )
+        ).one()
+    with state.claim(first, STAGE), other_state.claim(second, STAGE):
+        pass  # both held at once
+    with state.claim(first, STAGE), pytest.raises(ShardBusyError), other_state.claim(first, STAGE):
+        pass
+
+
+def test_a_worker_whose_lock_was_lost_publishes_nothing_after_a_takeover(
+    state: ShardState,
+    other_state: ShardState,
+    engine: Engine,
+    shard_ids: list[str],
+    tmp_path: Path,
+) -> None:
+    shard = shard_ids[0]
+    held = state.claim(shard, STAGE)
+    conn = held.__enter__()
+    first = state.mark_running(shard, STAGE, "fp", "w1")
+    store = ArtifactStore(str(tmp_path)).owned_by(
+        STAGE, first, partial(state.hold_attempt, shard, STAGE, first)
+    )
+    path = store.shard_path(shard, "fetch.parquet")
+    # The worker's session ends while it works (idle timeout, pg_terminate_backend, restart):
+    # its lock goes with it, and another worker takes the stage over.
+    pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    with engine.connect() as admin:
+        assert admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    with contextlib.suppress(sa.exc.DBAPIError):
+        held.__exit__(None, None, None)
+    with other_state.claim(shard, STAGE):
+        second = other_state.mark_running(shard, STAGE, "fp", "w2")
+        with (
+            pytest.raises(AttemptTakenOverError, match="taken over by attempt 2") as refused,
+            store.publish(path) as tmp,
+        ):
+            tmp.write_bytes(b"the first worker's late output")
+        assert not Path(path).exists()
+        assert list(Path(path).parent.iterdir()) == []  # its temporary file is gone too
+        # its own error goes into the history; the row stays the new attempt's
+        state.mark_failed(shard, STAGE, first, f"AttemptTakenOverError: {refused.value}")
+        with pytest.raises(AttemptTakenOverError, match="attempt 1"):
+            state.mark_done(shard, STAGE, first, {}, {}, "fp")
+        running = other_state.get_stage(shard, STAGE)
+        assert (running.status, running.attempt, running.worker) == ("running", 2, "w2")
+        other_state.mark_done(shard, STAGE, second, {"rows": 1}, {}, "fp")
+    events = state.events(shard, STAGE)
+    assert [(e["attempt"], e["event"]) for e in events] == [
+        (1, "started"),
+        (1, "abandoned"),
+        (2, "started"),
+        (1, "failed"),
+        (2, "done"),
+    ]
+    assert "taken over by attempt 2 (w2, running)" in events[3]["error"]
+    assert not any("not current" in (e["error"] or "") for e in events)
+
+
+def test_a_new_attempt_waits_for_a_publication_in_progress(
+    state: ShardState, other_state: ShardState, engine: Engine, shard_ids: list[str]
+) -> None:
+    """The check and the rename are one step for the others: a takeover that comes while the
+    old attempt is inside its fence starts only after the rename."""
+    shard = shard_ids[0]
+    with state.claim(shard, STAGE):
+        first = state.mark_running(shard, STAGE, "fp", "w1")
+    renaming = threading.Event()
+    renamed = threading.Event()
+
+    def publish() -> None:
+        with state.hold_attempt(shard, STAGE, first):
+            renaming.set()
+            renamed.wait(30)
+
+    with ThreadPoolExecutor(2) as pool:
+        publisher = pool.submit(publish)
+        assert renaming.wait(30)
+        with other_state.claim(shard, STAGE):
+            takeover = pool.submit(other_state.mark_running, shard, STAGE, "fp", "w2")
+            assert wait_for(lambda: sessions_waiting_on(engine, "shard_stages") == 1, 30)
+            assert not takeover.done()
+            renamed.set()
+            publisher.result(30)
+            assert takeover.result(30) == 2
+    with pytest.raises(AttemptTakenOverError), state.hold_attempt(shard, STAGE, first):
         pass

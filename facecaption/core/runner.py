@@ -133,7 +133,7 @@ def run_stage(
             shard=shard,
             settings=settings,
             store=owned,
-            dedup=ImageHashIndex(state.engine),
+            dedup=ImageHashIndex(state.engine, (stage.name, attempt)),
             takedowns=TakedownIndex(state.engine),
             fingerprint=wanted,
             previous=current if reusable and not fresh else None,

@@ -12,7 +12,8 @@ fingerprint covers the epoch, so it goes stale and its re-run marks those rows a
 
 A registration locks the owner rows of its images in sha256 order, then the shards it raises
 in shard id order: two shards registering the same images at once wait for each other, and a
-fixed order means they cannot deadlock.
+fixed order means they cannot deadlock. A registration made for a fetch attempt is fenced like
+its files: it is refused (AttemptTakenOverError) once another attempt took the stage over.
 """
 
 from __future__ import annotations
@@ -22,20 +23,26 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from facecaption.state.shards import confirm_attempt
+
 Owner = tuple[str, str]  # (shard_id, key)
 
 
 class ImageHashIndex:
-    """Holders and owners of image sha256s across shards."""
+    """Holders and owners of image sha256s across shards. With `attempt` (stage, number),
+    registrations are made for that stage attempt and refused once it is no longer current."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, attempt: tuple[str, int] | None = None) -> None:
         self.engine = engine
+        self.attempt = attempt
 
     def claim(self, shard_id: str, candidates: list[tuple[str, str]]) -> dict[str, Owner]:
         """Register the `(sha256, key)` pairs `shard_id` holds now, in place of what it held
         before; return the owner of each of them."""
         held = dict(sorted(candidates))
         with self.engine.begin() as conn:
+            if self.attempt is not None:
+                confirm_attempt(conn, shard_id, *self.attempt)
             before = {
                 row.sha256: row.key
                 for row in conn.execute(

@@ -522,15 +522,7 @@ class ShardState:
         keep it so for the block (a new attempt waits until the block ends); otherwise
         AttemptTakenOverError. Publishing an artifact happens inside this block."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.text(
-                    "SELECT attempt, status, worker FROM shard_stages"
-                    " WHERE shard_id = :s AND stage = :t FOR SHARE"
-                ),
-                {"s": shard_id, "t": stage},
-            ).first()
-            if row is None or row.attempt != attempt or row.status != "running":
-                raise AttemptTakenOverError(_taken_over(shard_id, stage, attempt, row))
+            confirm_attempt(conn, shard_id, stage, attempt)
             yield
 
     def mark_running(self, shard_id: str, stage: str, fingerprint: str, worker: str) -> int:
@@ -761,6 +753,21 @@ class ShardState:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(query + " ORDER BY event_id"), {"s": shard_id, "t": stage})
             return [dict(row) for row in rows.mappings()]
+
+
+def confirm_attempt(conn: Connection, shard_id: str, stage: str, attempt: int) -> None:
+    """In `conn`'s transaction: `attempt` is the current, running attempt of (shard, stage),
+    and stays so until the transaction ends (the row is share-locked, so starting a new
+    attempt waits); AttemptTakenOverError otherwise."""
+    row = conn.execute(
+        sa.text(
+            "SELECT attempt, status, worker FROM shard_stages"
+            " WHERE shard_id = :s AND stage = :t FOR SHARE"
+        ),
+        {"s": shard_id, "t": stage},
+    ).first()
+    if row is None or row.attempt != attempt or row.status != "running":
+        raise AttemptTakenOverError(_taken_over(shard_id, stage, attempt, row))
 
 
 def _taken_over(shard_id: str, stage: str, attempt: int, current: Any) -> str:

@@ -34,6 +34,7 @@ class Route:
     # for answers the standard library would refuse to send (raw bytes in headers, bad
     # framing, no HTTP at all). `b""` hangs up without a word.
     raw: bytes | None = None
+    hold: threading.Event | None = None  # answer only once this is set (the test sets it)
 
 
 class SampleSite(LoopbackServer):
@@ -84,6 +85,8 @@ class SampleSite(LoopbackServer):
                 route = site.routes.get(path)
                 if route is None:
                     return self._answer(404, b"not found", "text/plain")
+                if route.hold is not None:
+                    route.hold.wait()
                 if route.delay_s:
                     time.sleep(route.delay_s)
                 if route.raw is not None:
