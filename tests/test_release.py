@@ -6,17 +6,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from PIL import Image
+from support.processes import sessions_waiting_on, start_cli
 from support.sampledata import write_source
+from test_fetch_web import wait_for
 
 from facecaption.core.pipeline import Pipeline
+from facecaption.core.store import PARTIAL_MARKER, sha256_file
 from facecaption.release.publish import publish_release
 from facecaption.release.takedowns import request_takedown
 from facecaption.state.takedowns import TakedownIndex, TakedownRequestError
@@ -237,11 +244,15 @@ def test_takedown_requests_are_validated(settings):
 
 
 def test_a_shard_being_exported_elsewhere_keeps_its_last_export(released):
-    settings, shard_ids, first = released
-    with Pipeline.open(settings) as pipeline, pipeline.state.claim(shard_ids[0], "export"):
+    settings, _, first = released
+    busy = release_table(first).column("shard_id")[0].as_py()
+    with Pipeline.open(settings) as pipeline, pipeline.state.claim(busy, "export"):
+        # another worker's export attempt runs: the row says `running` until it finishes
+        pipeline.state.mark_running(busy, "export", "its fingerprint", "elsewhere:1")
         again = publish_release(pipeline)
     assert again.rows == first.rows and again.excluded == {}
     assert again.files_written == []
+    assert again.manifest["built_from"] == first.manifest["built_from"]
 
 
 def test_shards_fetched_before_the_takedown_index_are_indexed_once(released):
@@ -270,3 +281,213 @@ def test_shards_fetched_before_the_takedown_index_are_indexed_once(released):
     assert gone and not gone & kept
     assert kept == {row["face_id"] for row in rows} - gone
     assert audit.urls == [shouted] and audit.matched["sha256s"] == [target["image_sha256"]]
+
+
+def test_a_busy_shard_whose_rows_were_taken_down_since_is_left_out(released):
+    settings, _, first = released
+    rows = release_table(first).to_pylist()
+    busy, target = rows[0]["shard_id"], rows[0]
+    with Pipeline.open(settings) as pipeline, pipeline.state.claim(busy, "export"):
+        pipeline.state.mark_running(busy, "export", "its fingerprint", "elsewhere:1")
+        request_id = request_takedown(pipeline, [target["url"]], [], reason="r")
+        again = publish_release(pipeline)
+    assert "predates takedown matches" in again.excluded[busy]
+    assert again.takedowns_applied == [request_id]
+    expected = {
+        r["face_id"] for r in rows
+        if r["shard_id"] != busy and r["image_sha256"] != target["image_sha256"]
+    }  # fmt: skip
+    assert {r["face_id"] for r in release_table(again).to_pylist()} == expected
+
+
+# -- a shard whose outputs do not fit together never stops a publish ---------------------------
+
+
+def record_as_written(pipeline, shard_id: str, stage: str, name: str, read_by: str | None) -> None:
+    """Make the state DB agree with an artifact changed by hand, as if `stage` had written it
+    and `read_by` had run on it: the records fit together, the files do not."""
+    path = Path(pipeline.store.shard_path(shard_id, name))
+    ref = {"uri": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    with pipeline.state.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE shard_stages SET artifacts = jsonb_set(artifacts, ARRAY[:name],"
+                " CAST(:ref AS jsonb)) WHERE shard_id = :s AND stage = :t"
+            ),
+            {"name": name, "ref": json.dumps(ref), "s": shard_id, "t": stage},
+        )
+        if read_by:
+            conn.execute(
+                sa.text(
+                    "UPDATE shard_stages SET inputs = jsonb_set(inputs, ARRAY[:t, :name],"
+                    " to_jsonb(CAST(:sha AS text))) WHERE shard_id = :s AND stage = :next"
+                ),
+                {"t": stage, "name": name, "sha": ref["sha256"], "s": shard_id, "next": read_by},
+            )
+
+
+def _rewrite(pipeline, shard_id: str, name: str, change) -> Path:
+    path = Path(pipeline.store.shard_path(shard_id, name))
+    pq.write_table(change(pq.read_table(path)), path)
+    return path
+
+
+def drop_a_faces_fetch_row(pipeline, shard_id):
+    key = pq.read_table(pipeline.store.shard_path(shard_id, "faces.parquet"))["key"][0].as_py()
+    _rewrite(pipeline, shard_id, "fetch.parquet", lambda t: t.filter(pc.field("key") != key))
+    record_as_written(pipeline, shard_id, "fetch", "fetch.parquet", "detect")
+
+
+def caption_an_unknown_face(pipeline, shard_id):
+    def add(table):
+        ghost = table.slice(0, 1).to_pylist()[0] | {"face_id": f"{shard_id}/999999999_0"}
+        return pa.concat_tables([table, pa.Table.from_pylist([ghost], schema=table.schema)])
+
+    _rewrite(pipeline, shard_id, "captions.parquet", add)
+    record_as_written(pipeline, shard_id, "caption", "captions.parquet", "export")
+
+
+def delete_faces(pipeline, shard_id):
+    Path(pipeline.store.shard_path(shard_id, "faces.parquet")).unlink()
+
+
+def truncate_attributes(pipeline, shard_id):
+    path = Path(pipeline.store.shard_path(shard_id, "attributes.parquet"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def release_file_with_other_columns(pipeline, shard_id):
+    _rewrite(pipeline, shard_id, "release.parquet", lambda t: t.drop_columns(["license"]))
+    record_as_written(pipeline, shard_id, "export", "release.parquet", None)
+
+
+@pytest.mark.parametrize(
+    ("damage", "exports_stale", "reason"),
+    [
+        (drop_a_faces_fetch_row, False, "which is not an ok image in fetch.parquet"),
+        (caption_an_unknown_face, False, "has a caption but no row in faces.parquet"),
+        (delete_faces, True, "faces.parquet of shard"),
+        (truncate_attributes, True, "attributes.parquet of shard"),
+        (release_file_with_other_columns, False, "has other columns than the release"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)
+def test_a_shard_with_broken_outputs_is_left_out_and_takedowns_still_apply(
+    released, damage, exports_stale, reason
+):
+    settings, _, first = released
+    rows = release_table(first).to_pylist()
+    shards = list(dict.fromkeys(row["shard_id"] for row in rows))
+    assert len(shards) >= 2
+    broken, target = shards[0], next(row for row in rows if row["shard_id"] == shards[1])
+    if exports_stale:  # the exports must run again (and read their inputs)
+        settings = release_settings(
+            settings, rows_per_file=6, row_group_size=4, training_shards=True, license="v2"
+        )
+    with Pipeline.open(settings) as pipeline:
+        damage(pipeline, broken)
+        request_id = request_takedown(pipeline, [target["url"]], [], reason="r")
+        again = publish_release(pipeline)
+    assert reason in again.excluded[broken]
+    assert set(again.excluded) == {broken}
+    assert again.takedowns_applied == [request_id]
+    expected = {
+        r["face_id"] for r in rows
+        if r["shard_id"] != broken and r["image_sha256"] != target["image_sha256"]
+    }  # fmt: skip
+    assert {r["face_id"] for r in release_table(again).to_pylist()} == expected
+    with open(f"{again.release_uri}/manifest.json") as handle:
+        assert reason in json.load(handle)["excluded"][broken]
+    release = Path(again.release_uri)
+    assert not list(release.rglob(f"*{PARTIAL_MARKER}*"))
+    # no file left behind that the manifest does not name
+    assert {f"data/{p.name}" for p in (release / "data").iterdir()} == {
+        entry["path"] for entry in again.manifest["files"]
+    }
+
+
+def test_a_truncated_shard_export_is_exported_again(released):
+    settings, _, first = released
+    shard = release_table(first).column("shard_id")[0].as_py()
+    with Pipeline.open(settings) as pipeline:
+        path = Path(pipeline.store.shard_path(shard, "release.parquet"))
+        path.write_bytes(path.read_bytes()[:100])
+        again = publish_release(pipeline)
+        attempt = pipeline.state.get_stage(shard, "export").attempt
+    assert again.excluded == {} and attempt == 2
+    assert sorted(release_table(again)["face_id"].to_pylist()) == sorted(
+        release_table(first)["face_id"].to_pylist()
+    )
+
+
+def test_a_shard_whose_detect_ran_on_an_older_fetch_is_left_out_as_stale(released):
+    settings, _, first = released
+    rows = release_table(first).to_pylist()
+    target = rows[0]
+    shard = target["shard_id"]
+    with Pipeline.open(settings) as pipeline:
+        request_id = request_takedown(pipeline, [], [target["image_sha256"]], reason="r")
+        pipeline.run("fetch", shard, force=True)  # the image's row is taken_down now
+        again = publish_release(pipeline)
+        assert again.excluded == {
+            shard: f"detect of shard {shard} ran on other fetch outputs than there are now"
+            " (it is stale): run detect again"
+        }
+        assert again.takedowns_applied == [request_id]
+        for stage in ("detect", "attribute", "caption"):
+            pipeline.run(stage, shard)
+        fixed = publish_release(pipeline)
+    assert fixed.excluded == {}
+    assert {r["face_id"] for r in release_table(fixed).to_pylist()} == {
+        r["face_id"] for r in rows if r["image_sha256"] != target["image_sha256"]
+    }
+
+
+# -- a killed publish ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_next_publish_removes_what_a_killed_publish_left(released):
+    """Kill a real publish process right before it renames its first release file (it waits
+    on a lock the test holds there), then publish again."""
+    settings, _, first = released
+    settings = release_settings(
+        settings, rows_per_file=6, row_group_size=4, training_shards=True, license="v2"
+    )  # every export runs again, so the publish takes a while before it writes files
+    release = Path(first.release_uri)
+    with Pipeline.open(settings) as pipeline:
+        engine = pipeline.state.engine
+        last = pipeline.state.list_shards()[-1].shard_id
+        with engine.connect() as export_row, engine.connect() as attempt_row:
+            # 1. the publish stops at the last shard's export ...
+            export_row.execute(
+                sa.text(
+                    "SELECT 1 FROM shard_stages WHERE shard_id = :s AND stage = 'export' FOR UPDATE"
+                ),
+                {"s": last},
+            )
+            killed = start_cli(["publish", "--no-report"], settings)
+            try:
+                assert wait_for(lambda: sessions_waiting_on(engine, "shard_stages") == 1, 120)
+                # 2. ... we hold its publish attempt, so it stops again at its first rename
+                attempt = attempt_row.execute(
+                    sa.text("SELECT max(attempt) FROM release_attempts")
+                ).scalar()
+                attempt_row.execute(
+                    sa.text("SELECT 1 FROM release_attempts WHERE attempt = :a FOR UPDATE"),
+                    {"a": attempt},
+                )
+                export_row.rollback()
+                assert wait_for(lambda: sessions_waiting_on(engine, "release_attempts") == 1, 120)
+                leftovers = list(release.rglob(f"*{PARTIAL_MARKER}release-{attempt}-*"))
+                assert leftovers, "the publish had no temporary file when it was killed"
+            finally:
+                os.killpg(killed.pid, signal.SIGKILL)
+                killed.wait()
+            attempt_row.rollback()
+        again = publish_release(pipeline)
+    assert not any(path.exists() for path in leftovers)
+    assert not list(release.rglob(f"*{PARTIAL_MARKER}*"))
+    assert again.excluded == {} and again.rows == first.rows
+    for entry in again.manifest["files"]:
+        assert sha256_file(release / entry["path"]) == entry["sha256"]
