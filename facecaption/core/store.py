@@ -208,8 +208,10 @@ class ArtifactStore:
         return removed
 
     def remove(self, path: str) -> None:
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        """Delete an artifact, inside the owner's fence (a fenced-out owner deletes nothing)."""
+        with self._fence():
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
 
 class _HashingReader(io.RawIOBase):
