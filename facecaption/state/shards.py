@@ -637,14 +637,8 @@ class ShardState:
                 },
             ).first()
             if started is None:
-                current = conn.execute(
-                    sa.text(
-                        "SELECT attempt, status, worker FROM shard_stages"
-                        " WHERE shard_id = :s AND stage = :t"
-                    ),
-                    {"s": shard_id, "t": stage},
-                ).first()
-                raise AttemptTakenOverError(_taken_over(shard_id, stage, attempt, current))
+                confirm_attempt(conn, shard_id, stage, attempt)  # raises, naming who has it
+                raise AttemptTakenOverError(f"{stage} of shard {shard_id}: attempt {attempt} ended")
             if stats is not None:
                 self._record_stats(conn, shard_id, stage, attempt, stats)
             duration = (started.finished_at - started.started_at).total_seconds()
