@@ -35,7 +35,7 @@ def converge(pipeline: Pipeline) -> list[list[str]]:
     """Re-run stale fetches until none is stale; the shards of each round."""
     rounds = []
     for _ in range(6):
-        stale = pipeline.select_work(status="stale", stages=["fetch"])
+        stale = pipeline.select_work(status="stale", stages=["fetch"]).shard_ids
         if not stale:
             return rounds
         rounds.append(stale)
