@@ -283,6 +283,41 @@ def test_shards_fetched_before_the_takedown_index_are_indexed_once(released):
     assert audit.urls == [shouted] and audit.matched["sha256s"] == [target["image_sha256"]]
 
 
+def test_an_unindexed_shard_that_cannot_be_read_holds_back_pending_takedowns(released):
+    """A shard fetched before the takedown index existed whose fetch.parquet cannot be read
+    to index it may hold rows under a pending request: while one is pending the shard is left
+    out and the requests stay pending; once it can be read, the next publish applies them."""
+    settings, _, first = released
+    rows = release_table(first).to_pylist()
+    shards = list(dict.fromkeys(row["shard_id"] for row in rows))
+    broken, target = shards[0], next(row for row in rows if row["shard_id"] == shards[1])
+    with Pipeline.open(settings) as pipeline:
+        with pipeline.state.engine.begin() as conn:
+            for table in ("fetched_images", "fetched_images_indexed"):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE shard_id = :s"), {"s": broken})
+        path = Path(pipeline.store.shard_path(broken, "fetch.parquet"))
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        nothing_pending = publish_release(pipeline)  # its export is up to date: released
+        assert nothing_pending.excluded == {} and nothing_pending.rows == first.rows
+        request_id = request_takedown(pipeline, [target["url"]], [], reason="r")
+        held = publish_release(pipeline)
+        assert "cannot be read to match takedown requests" in held.excluded[broken]
+        assert held.takedowns_applied == []
+        assert TakedownIndex(pipeline.state.engine).get(request_id).applied_at is None
+        path.write_bytes(whole)
+        applied = publish_release(pipeline)
+        assert TakedownIndex(pipeline.state.engine).get(request_id).applied_at is not None
+    assert {r["shard_id"] for r in release_table(held).to_pylist()} == set(shards) - {broken}
+    assert target["image_sha256"] not in {
+        r["image_sha256"] for r in release_table(held).to_pylist()
+    }
+    assert applied.excluded == {} and applied.takedowns_applied == [request_id]
+    assert {r["face_id"] for r in release_table(applied).to_pylist()} == {
+        r["face_id"] for r in rows if r["image_sha256"] != target["image_sha256"]
+    }
+
+
 def test_a_busy_shard_whose_rows_were_taken_down_since_is_left_out(released):
     settings, _, first = released
     rows = release_table(first).to_pylist()

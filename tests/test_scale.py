@@ -15,7 +15,7 @@ from support.scale import count_queries, image_sha256, image_url, populate
 from facecaption.cli import main
 from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current_fingerprint
 from facecaption.core.pipeline import Pipeline, chunked, status_totals
-from facecaption.core.stage import stage_registry
+from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.release.report import collect
 from facecaption.release.takedowns import match_pending_takedowns, request_takedown
 
@@ -141,6 +141,50 @@ def test_bulk_fingerprints_are_the_runners_fingerprints(cli_settings):
         stale = pipeline.select_work(status="stale", stages=["export"]).shard_ids
         assert stale and set(stale) <= set(ids)
         assert set(stale) == {s for s in ids if live.takedown_matches(s)}
+
+
+def test_bulk_fingerprints_cover_dedup_epochs_and_what_each_stage_ran_on(cli_settings):
+    """A shard whose dedup epoch was raised has a stale fetch, and an export whose input
+    stages did not run on each other's current outputs cannot be worked out (StageInputError):
+    selection reads epochs and recorded inputs in bulk and decides as the runner does."""
+    settings = cli_settings
+    with Pipeline.open(settings) as pipeline:
+        ids = populate(pipeline.state.engine, settings, 4, takedown_requests=0)
+        with pipeline.state.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE shards SET dedup_epoch = 3 WHERE shard_id = :s"), {"s": ids[1]}
+            )
+            # the attribute stage of ids[2] ran on other detect outputs than there are now
+            conn.execute(
+                sa.text(
+                    "UPDATE shard_stages SET inputs = jsonb_set(inputs,"
+                    " '{detect,faces.parquet}', to_jsonb(CAST(:sha AS text)))"
+                    " WHERE shard_id = :s AND stage = 'attribute'"
+                ),
+                {"sha": "0" * 64, "s": ids[2]},
+            )
+        registry = stage_registry()
+        live = LiveStageInputs(pipeline.state)
+        with count_queries() as statements:
+            bulk = Fingerprints.prefetch(settings, pipeline.state, registry, None)
+        assert len(statements) == 3  # stages, takedown matches, dedup epochs
+
+        def outcome(work: Callable[..., str], *args: Any) -> str:
+            try:
+                return work(*args)
+            except StageInputError as error:
+                return str(error)
+
+        for shard in pipeline.state.list_shards():
+            for name, stage in registry.items():
+                assert outcome(bulk.current, name, shard) == outcome(
+                    current_fingerprint, stage, shard, settings, live
+                ), (shard.shard_id, name)
+        [chained] = pipeline.state.list_shards(shard_ids=[ids[2]])
+        assert "attribute of shard" in outcome(bulk.current, "export", chained)
+        assert pipeline.select_work(status="stale", stages=["fetch"]).shard_ids == [ids[1]]
+        # the export of ids[2] is not stale: the attribute stage before it is the one to redo
+        assert pipeline.select_work(status="stale").shard_ids == [ids[1]]
 
 
 def test_status_filters_and_pages_in_sql(cli_settings):

@@ -1,9 +1,10 @@
 """Synthetic state at LAION-Face scale, written straight into a throwaway state DB (COPY), for
 the query-count tests and `bench/bench_scale.py`: sources and shards as `plan` registers them,
 every stage done with realistic counts and artifact checksums, fingerprints that are current
-for the given settings (so a `stale` selection checks every stage of every shard), the export
-stage's report statistics, the attempt history, the fetched-image index and a few pending
-takedown requests. Nothing on disk: no artifact is read by what this is for.
+for the given settings (so a `stale` selection checks every stage of every shard) and the
+inputs they cover, the export stage's report statistics, the attempt history, the
+fetched-image index and a few pending takedown requests. Nothing on disk: no artifact is read
+by what this is for.
 
 Also `count_queries`: every statement any engine sends while the block runs.
 """
@@ -232,7 +233,16 @@ def populate(
     stage_rows, event_rows, stats_rows, indexed_rows = [], [], [], []
     for stage_name in registry:
         fingerprints = Fingerprints(settings, registry, inputs)
+        settings_part = registry[stage_name].settings_inputs(settings)
         for shard in shard_objects:
+            # what the stage ran on, recorded as a finished run records it
+            ran_on = json.loads(
+                json.dumps(
+                    {**registry[stage_name].shard_inputs(shard, settings, inputs),
+                     **settings_part},
+                    sort_keys=True, default=str,
+                )
+            )  # fmt: skip
             counts = _counts(stage_name, rng)
             artifacts = {
                 name: {"uri": f"/store/shards/{shard.shard_id}/{name}",
@@ -242,12 +252,13 @@ def populate(
             state = StageState(
                 shard.shard_id, stage_name, "done", 1, "bench:1", counts=counts,
                 artifacts=artifacts, fingerprint=fingerprints.current(stage_name, shard),
+                inputs=ran_on,
             )  # fmt: skip
             states.append(state)
             stage_rows.append(
                 [shard.shard_id, stage_name, "done", 1, "bench:1", "2026-01-01T00:00:00Z",
                  "2026-01-01T00:01:00Z", json.dumps(counts), json.dumps(artifacts),
-                 state.fingerprint]
+                 state.fingerprint, json.dumps(ran_on)]
             )  # fmt: skip
             event_rows.append(
                 [shard.shard_id, stage_name, 1, "done", "bench:1", rng.uniform(20, 200),
@@ -261,7 +272,7 @@ def populate(
         indexed_rows.append([shard.shard_id, _hex("fetch", "fetch.parquet", shard.shard_id)])
     _copy(engine, "shard_stages",
           ["shard_id", "stage", "status", "attempt", "worker", "started_at", "finished_at",
-           "counts", "artifacts", "fingerprint"], stage_rows)  # fmt: skip
+           "counts", "artifacts", "fingerprint", "inputs"], stage_rows)  # fmt: skip
     _copy(engine, "stage_events",
           ["shard_id", "stage", "attempt", "event", "worker", "duration_s", "counts",
            "fingerprint"], event_rows)  # fmt: skip
