@@ -170,6 +170,17 @@ def test_require_current_schema_on_empty_db(empty_engine: Engine) -> None:
         require_current_schema(empty_engine)
 
 
+def test_a_migration_missing_below_the_newest_is_named(empty_engine: Engine) -> None:
+    """Migrations written on branches land out of order: a DB at the newest version can
+    still lack an older one, and must be told to upgrade."""
+    upgrade(empty_engine)
+    with empty_engine.begin() as conn:  # as if 0002 had not been applied here
+        conn.execute(sa.text("DELETE FROM schema_migrations WHERE version = 2"))
+    assert current_version(empty_engine) == LATEST
+    with pytest.raises(StateDBError, match="lacks migration.*0002"):
+        require_current_schema(empty_engine)
+
+
 def test_open_pipeline_on_unmigrated_db_says_how_to_fix(tmp_path: Path, empty_db_url: str) -> None:
     settings = Settings(home=tmp_path / "home", db_url=empty_db_url)
     with pytest.raises(StateDBError, match="facecaption db upgrade"):

@@ -176,12 +176,22 @@ def current_version(engine: Engine) -> int | None:
         return conn.execute(sa.text("SELECT max(version) FROM schema_migrations")).scalar()
 
 
+def applied_versions(engine: Engine) -> set[int]:
+    with engine.connect() as conn:
+        exists = conn.execute(sa.text("SELECT to_regclass('schema_migrations')")).scalar()
+        if exists is None:
+            return set()
+        return set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+
+
 def require_current_schema(engine: Engine) -> None:
-    """Fail with the fix in the message when the DB lags behind this code."""
-    latest = max(m.version for m in load_migrations())
-    found = current_version(engine)
-    if found is None or found < latest:
+    """Fail with the fix in the message when the DB lacks a migration of this code (any of
+    them, not only the newest: migrations written on branches land out of order)."""
+    wanted = {m.version for m in load_migrations()}
+    missing = sorted(wanted - applied_versions(engine))
+    if missing:
         raise StateSchemaError(
-            f"state DB schema is at version {found}, this code needs {latest}:"
+            f"state DB schema lacks migration(s) {', '.join(f'{v:04d}' for v in missing)}"
+            f" (it is at version {current_version(engine)}):"
             " run `facecaption db upgrade`"
         )
