@@ -100,19 +100,35 @@ class StageModelSettings(BaseModel):
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
+# Detector input sides when `detect.input_size` is unset. insightface's packs are made for
+# 640. The packaged RetinaFace gets 1024: at 640, small faces in large photos fall under 0.98,
+# and at native size large faces get boxes too small (its anchors end at 512 px).
+INSIGHTFACE_INPUT_SIZE = 640
+RETINAFACE_INPUT_SIZE = 1024
+
+
 class DetectSettings(StageModelSettings):
     """Face detection and alignment. Paper defaults: score > 0.98, both sides >= 128 px."""
 
-    backend: Literal["insightface", "cascade"] = Field(
-        "insightface",
-        description="insightface: RetinaFace/SCRFD ONNX from the model cache (production);"
+    backend: Literal["auto", "retinaface", "insightface", "cascade"] = Field(
+        "auto",
+        description="auto: insightface when its model pack (or model_path) is there, else"
+        " retinaface; retinaface: the packaged RetinaFace MobileNet-0.25 (offline);"
+        " insightface: RetinaFace/SCRFD ONNX from the model cache (production);"
         " cascade: OpenCV's frontal-face cascade (CPU, offline, lower quality)",
     )
     model_pack: str = Field("buffalo_l", description="insightface model pack in the cache")
     model_path: str | None = Field(None, description="an explicit detector .onnx (overrides)")
-    input_size: int = Field(640, ge=32, description="detector input side, letterboxed")
+    input_size: int | None = Field(
+        None,
+        ge=32,
+        description="detector input side, letterboxed; unset: the backend's own"
+        f" (insightface {INSIGHTFACE_INPUT_SIZE}, retinaface {RETINAFACE_INPUT_SIZE})",
+    )
     batch_size: int = Field(8, ge=1, description="images per inference call when batchable")
-    min_score: float = Field(0.98, ge=0, le=1, description="insightface score to keep a face")
+    min_score: float = Field(
+        0.98, ge=0, le=1, description="RetinaFace/SCRFD score to keep a face (paper)"
+    )
     cascade_min_score: float = Field(
         3.0, description="cascade level weight to keep a face (not comparable to min_score)"
     )
@@ -126,6 +142,12 @@ class DetectSettings(StageModelSettings):
     providers: list[str] | None = Field(
         None, description="onnxruntime providers; unset: CUDA when available, else CPU"
     )
+
+    def input_side(self, backend: str) -> int:
+        """The letterboxed input side for a resolved backend."""
+        if self.input_size is not None:
+            return self.input_size
+        return RETINAFACE_INPUT_SIZE if backend == "retinaface" else INSIGHTFACE_INPUT_SIZE
 
 
 class AttributeSettings(StageModelSettings):

@@ -137,10 +137,10 @@ def test_insightface_odd_images_do_not_crash(tmp_path, batched):
         detector.detect([deep])
 
 
-def test_insightface_missing_model_points_to_pull_and_cascade(tmp_path):
+def test_insightface_missing_model_points_to_pull_and_retinaface(tmp_path):
     with pytest.raises(ModelNotFoundError, match="facecaption models pull") as raised:
         InsightFaceDetector(tmp_path / "det_10g.onnx")
-    assert "FACECAPTION_DETECT__BACKEND=cascade" in str(raised.value)
+    assert "FACECAPTION_DETECT__BACKEND=retinaface" in str(raised.value)
 
 
 def test_insightface_rejects_an_input_size_the_model_cannot_take(tmp_path):

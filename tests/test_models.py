@@ -77,13 +77,15 @@ def test_cli_pull_prints_what_it_installed(tmp_path, pack_zip, monkeypatch, caps
     assert "buffalo_l" in capsys.readouterr().out
 
 
-def test_missing_detector_names_the_pull_command_and_the_cascade(tmp_path):
-    settings = Settings(home=tmp_path, models_dir=tmp_path / "models")
+def test_missing_insightface_pack_names_the_pull_command_and_retinaface(tmp_path):
+    settings = Settings(
+        home=tmp_path, models_dir=tmp_path / "models", detect={"backend": "insightface"}
+    )
     with pytest.raises(ModelNotFoundError) as error:
         detector_identity(settings)
     message = str(error.value)
     assert "facecaption models pull detector" in message
-    assert "FACECAPTION_DETECT__BACKEND=cascade" in message
+    assert "FACECAPTION_DETECT__BACKEND=retinaface" in message
 
 
 def test_detector_identity_follows_the_model_file(tmp_path):

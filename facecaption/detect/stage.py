@@ -54,11 +54,17 @@ def fetched_images(tar_file: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             yield key, payload
 
 
+def keep_score_for(backend: str, limits: DetectSettings) -> float:
+    """The score a face needs: the cascade's level weight is its own scale; RetinaFace and
+    SCRFD scores are probabilities, held to `min_score` (the paper's 0.98)."""
+    return limits.cascade_min_score if backend == "cascade" else limits.min_score
+
+
 def select_faces(
     faces: list[FaceDetection], width: int, height: int, limits: DetectSettings, backend: str
 ) -> tuple[list[FaceDetection], Counter[str]]:
     """The faces to keep (boxes clipped to the image) and why the others were dropped."""
-    keep_score = limits.min_score if backend == "insightface" else limits.cascade_min_score
+    keep_score = keep_score_for(backend, limits)
     dropped: Counter[str] = Counter()
     kept = []
     for face in sorted(faces, key=lambda f: -f.score):

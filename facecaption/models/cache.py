@@ -86,7 +86,7 @@ class ModelCache:
                 f"no detector of model pack {pack_name!r} in {folder}: run"
                 f" `facecaption models pull detector --pack {pack_name}` on a machine with"
                 " internet access, or set FACECAPTION_DETECT__MODEL_PATH to an .onnx file, or"
-                " use the offline cascade detector with FACECAPTION_DETECT__BACKEND=cascade"
+                " use the packaged offline RetinaFace with FACECAPTION_DETECT__BACKEND=retinaface"
             )
         return found
 

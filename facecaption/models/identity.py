@@ -116,11 +116,21 @@ def cascade_identity() -> str:
     return f"opencv-{FACE_CASCADE.removesuffix('.xml')}@{cv2.__version__}"
 
 
-def detector_identity(settings: Settings) -> str:
-    if settings.detect.backend == "cascade":
-        return cascade_identity()
-    from facecaption.models.locate import detector_model_file
+def retinaface_identity() -> str:
+    """The packaged RetinaFace: its file name and sha256 (`retinaface.onnx@sha256:b7a7...`)."""
+    from facecaption.detect.backends.retinaface import PACKAGED_MODEL
 
+    return file_identity(PACKAGED_MODEL)
+
+
+def detector_identity(settings: Settings) -> str:
+    from facecaption.models.locate import detector_backend, detector_model_file
+
+    backend = detector_backend(settings)
+    if backend == "cascade":
+        return cascade_identity()
+    if backend == "retinaface":
+        return retinaface_identity()
     return file_identity(detector_model_file(settings), digest_cache_file(settings))
 
 

@@ -12,7 +12,22 @@ from facecaption.models.errors import ModelNotFoundError
 from facecaption.settings import Settings
 
 
+def detector_backend(settings: Settings) -> str:
+    """The detector backend that runs: `detect.backend`, with `auto` resolved to insightface
+    when its model (`model_path`, or the pack in the cache) is there, else the packaged
+    retinaface."""
+    backend = settings.detect.backend
+    if backend != "auto":
+        return backend
+    try:
+        detector_model_file(settings)
+    except ModelNotFoundError:
+        return "retinaface"
+    return "insightface"
+
+
 def detector_model_file(settings: Settings) -> Path:
+    """The insightface backend's ONNX: `model_path`, else the pack's detector in the cache."""
     detect = settings.detect
     if detect.model_path:
         path = Path(detect.model_path).expanduser()

@@ -33,7 +33,7 @@ class FaceDetection:
 
 class FaceDetector(Protocol):
     detector_id: str  # model file name and sha256, or the cascade's; recorded per face
-    backend: str  # "insightface" or "cascade"
+    backend: str  # "retinaface", "insightface" or "cascade"
 
     def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
         """Faces per image, best score first. Batches when the model allows it."""

@@ -40,7 +40,8 @@ class InsightFaceDetector:
         if not model_file.is_file():
             raise ModelNotFoundError(
                 f"no detector model at {model_file}: run `facecaption models pull detector`,"
-                " or use the offline backend with FACECAPTION_DETECT__BACKEND=cascade"
+                " or use the packaged offline RetinaFace:"
+                " FACECAPTION_DETECT__BACKEND=retinaface"
             )
         self.detector_id = file_identity(model_file)
         model = get_model(str(model_file), providers=providers or default_providers())
