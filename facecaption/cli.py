@@ -125,13 +125,29 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the model cache: pull and list real weights")
     model_commands = models.add_subparsers(metavar="ACTION", required=True)
     pull = model_commands.add_parser(
-        "pull", help="download a model into the cache and verify its sha256 (needs internet)"
+        "pull",
+        help="download a model into the cache and record its sha256s (needs internet)",
+        description="detector: an insightface pack; llm REPO: a chat model from the Hugging"
+        " Face Hub; attributes --hf REPO: a transformers CelebA-40 classifier from the Hub;"
+        " attributes --url: an ONNX classifier with its sidecar.",
     )
-    pull.add_argument("kind", choices=["detector", "attributes"], help="which model")
+    pull.add_argument("kind", choices=["detector", "attributes", "llm"], help="which model")
+    pull.add_argument(
+        "repo", nargs="?", default=None, help="llm: the Hub repo, e.g. Qwen/Qwen2.5-1.5B-Instruct"
+    )
+    pull.add_argument("--hf", default=None, metavar="REPO", help="attributes: a Hub repo")
+    pull.add_argument("--revision", default=None, help="Hub: branch, tag or commit (default main)")
+    pull.add_argument(
+        "--replace",
+        action="store_true",
+        help="Hub: install over another repo or commit kept under the same name",
+    )
     pull.add_argument("--pack", default=None, help="detector: insightface pack (default: setting)")
     pull.add_argument("--url", default=None, help="download from here (attributes: the .onnx)")
     pull.add_argument("--sidecar-url", default=None, help="attributes: its sidecar .json")
-    pull.add_argument("--name", default=None, help="attributes: cache name (default: setting)")
+    pull.add_argument(
+        "--name", default=None, help="cache name (Hub: the repo's name; --url: the setting)"
+    )
     pull.add_argument("--sha256", default=None, help="the download's expected sha256 (pin)")
     pull.set_defaults(handler=_models_pull)
     model_commands.add_parser("list", help="what the cache holds").set_defaults(
@@ -337,9 +353,14 @@ def _models_pull(args: argparse.Namespace) -> int:
 
     settings = Settings()
     cache = ModelCache(settings.model_cache_dir)
+    if args.kind == "llm" or args.hf:
+        return _pull_from_hub(args, settings, cache)
     if args.kind == "attributes":
         if not (args.url and args.sidecar_url):
-            raise ValueError("pull attributes needs --url (the .onnx) and --sidecar-url")
+            raise ValueError(
+                "pull attributes needs --hf REPO (a transformers classifier on the Hugging Face"
+                " Hub), or --url (the .onnx) and --sidecar-url"
+            )
         key = f"attributes/{args.name or settings.attribute.model}"
         where = cache.pull_attribute_model(
             key.split("/", 1)[1], args.url, args.sidecar_url, args.sha256
@@ -359,6 +380,34 @@ def _models_pull(args: argparse.Namespace) -> int:
     )
     for name, digest in entry["files"].items():
         print(f"  {name}  {digest}")
+    return 0
+
+
+def _pull_from_hub(args: argparse.Namespace, settings: Settings, cache) -> int:  # noqa: ANN001
+    from facecaption.models.hub import pull_hub_model
+
+    repo = args.repo if args.kind == "llm" else args.hf
+    if not repo:
+        raise ValueError(
+            "pull llm needs the Hub repo, e.g. `facecaption models pull llm"
+            " Qwen/Qwen2.5-1.5B-Instruct`"
+        )
+    pulled = pull_hub_model(
+        cache, args.kind, repo, revision=args.revision, name=args.name, replace=args.replace
+    )
+    print(f"{pulled.key}: installed in {pulled.folder}")
+    print(f"from {pulled.repo}@{pulled.commit}" + (f" ({args.revision})" if args.revision else ""))
+    for name, digest in pulled.files.items():
+        print(f"  {name}  {digest}")
+    name = pulled.folder.name
+    if args.kind == "llm" and (name != settings.caption.model or settings.caption.model_path):
+        print(f"to use it: FACECAPTION_CAPTION__MODEL={name} (or caption.model in the TOML file)")
+    if args.kind == "attributes" and (
+        name != settings.attribute.model or settings.attribute.model_path
+    ):
+        print(
+            f"to use it: FACECAPTION_ATTRIBUTE__MODEL={name} (or attribute.model in the TOML file)"
+        )
     return 0
 
 
@@ -391,9 +440,12 @@ def _models_list(args: argparse.Namespace) -> int:
     cache = ModelCache(Settings().model_cache_dir)
     entries = cache.manifest()
     if not entries:
-        print(f"the model cache {cache.root} is empty: `facecaption models pull detector`")
-    for pack, entry in sorted(entries.items()):
-        print(f"{pack}: {entry['url']} sha256 {entry['archive_sha256']}")
+        print(f"the model cache {cache.root} is empty: see `facecaption models pull --help`")
+    for key, entry in sorted(entries.items()):
+        if entry.get("source") == "huggingface":
+            print(f"{key}: {entry['repo']}@{entry['commit']} (revision {entry['revision']})")
+        else:
+            print(f"{key}: {entry['url']} sha256 {entry['archive_sha256']}")
         for name, digest in entry["files"].items():
             print(f"  {name}  {digest}")
     return 0

@@ -154,16 +154,27 @@ class AttributeSettings(StageModelSettings):
     """CelebA-40 attributes. Paper defaults: a label is valid above 0.85, a face is kept with
     at least 5 valid labels."""
 
+    backend: Literal["auto", "onnx", "transformers"] = Field(
+        "auto",
+        description="onnx: an .onnx with its sidecar .json; transformers: a Hugging Face"
+        " image-classification folder with a multi-label head; auto: whichever the model is",
+    )
     model: str = Field(
-        "celeba40-resnet50", description="attribute model in the cache: {models}/attributes/"
+        "celeba40-resnet50",
+        description="attribute model in the cache: {models}/attributes/NAME.onnx (+ .json) or"
+        " {models}/attributes/NAME/ (transformers)",
     )
     model_path: str | None = Field(
-        None, description="an explicit .onnx (its sidecar .json beside it); overrides model"
+        None,
+        description="an explicit .onnx (its sidecar .json beside it) or transformers folder;"
+        " overrides model",
     )
     threshold: float = Field(0.85, ge=0, le=1, description="a label is valid above this")
     min_labels: int = Field(5, ge=0, description="a face is kept with at least this many")
     batch_size: int = Field(32, ge=1)
-    providers: list[str] | None = Field(None, description="onnxruntime providers; unset: auto")
+    providers: list[str] | None = Field(
+        None, description="onnx backend: onnxruntime providers; unset: CUDA when available"
+    )
 
 
 DEFAULT_SYSTEM_PROMPT = (

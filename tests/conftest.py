@@ -36,6 +36,18 @@ os.environ.update(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
     }
 )
+# huggingface_hub reads these once, at import: no telemetry request, no Xet transfers (the
+# loopback Hub speaks plain HTTP), a private HF_HOME (no developer token or cache), and the
+# Hub named explicitly by each test (`endpoint=`, or HF_ENDPOINT for subprocesses).
+os.environ.update(
+    {
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(Path(tempfile.mkdtemp(prefix="facecaption-hf-"))),
+    }
+)
+for _name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(_name, None)
 # Airflow puts its plugins folder on sys.path; tests importing our plugins need the same.
 sys.path.insert(0, str(REPO / "plugins"))
 

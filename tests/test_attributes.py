@@ -38,7 +38,7 @@ from facecaption.core.pipeline import Pipeline
 from facecaption.core.stage import StageInputError
 from facecaption.core.writers import read_webdataset
 from facecaption.models.errors import ModelNotFoundError
-from facecaption.models.locate import attribute_model_file
+from facecaption.models.locate import attribute_model
 from facecaption.settings import DetectSettings
 
 THRESHOLD = 0.85
@@ -339,7 +339,7 @@ def test_a_missing_model_says_how_to_get_one(tmp_path, settings):
         }
     )
     with pytest.raises(ModelNotFoundError, match="facecaption models convert-attributes"):
-        attribute_model_file(cached)
+        attribute_model(cached)
 
 
 # --- the stage ---------------------------------------------------------------------------

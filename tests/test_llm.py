@@ -198,7 +198,7 @@ def test_load_rewriter_names_a_missing_model_folder(tmp_path: Path) -> None:
         load_rewriter(settings)
     message = str(error.value)
     assert str(tmp_path.resolve() / "models" / "llm" / "Qwen2.5-1.5B-Instruct") in message
-    assert "huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct" in message
+    assert "`facecaption models pull llm Qwen/Qwen2.5-1.5B-Instruct`" in message
 
 
 def test_load_rewriter_needs_a_base_url_for_openai(tmp_path: Path) -> None:

@@ -30,6 +30,19 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
 )  # fmt: skip
 
+
+def check_celeba_labels(labels: list[str] | tuple[str, ...], where: object) -> None:
+    """A model's output labels must be the 40 CelebA names, once each (any order); ValueError
+    naming what is missing and what is unknown otherwise."""
+    if sorted(labels) != sorted(CELEBA_ATTRIBUTES):
+        missing = set(CELEBA_ATTRIBUTES) - set(labels)
+        extra = set(labels) - set(CELEBA_ATTRIBUTES)
+        raise ValueError(
+            f"{where}: labels must be the 40 CelebA names once each;"
+            f" missing {sorted(missing)}, unknown {sorted(extra)}"
+        )
+
+
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "elementary": ("Male", "Young", "Chubby", "Pale_Skin", "Smiling", "Attractive", "Blurry"),
     "facial_features": (

@@ -19,13 +19,12 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from facecaption.attribute.backends.onnx import OnnxAttributeModel
+from facecaption.attribute.backends import load_attribute_model
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES, label_set
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, ATTRIBUTES_SCHEMA, FACES_TAR
 from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import iter_webdataset, write_parquet
 from facecaption.models.identity import attribute_identity
-from facecaption.models.locate import attribute_model_file
 from facecaption.settings import Settings
 from facecaption.state import Shard
 
@@ -70,11 +69,7 @@ class AttributeStage:
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.attribute
-        model = OnnxAttributeModel(
-            attribute_model_file(context.settings),
-            batch_size=limits.batch_size,
-            providers=limits.providers,
-        )
+        model = load_attribute_model(context.settings)  # once per shard (one Airflow task)
         counts: Counter[str] = Counter(faces=0, kept=0, contradictions=0)
         rows: list[dict[str, Any]] = []
         with store.open(store.shard_path(shard.shard_id, FACES_TAR)) as source:

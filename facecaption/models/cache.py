@@ -1,12 +1,22 @@
 """The model cache: where real weights live, how they get there, and how they are checked.
 
+Layout under `{models_dir}`:
+
+    insightface/{pack}/*.onnx        detector packs (`facecaption models pull detector`)
+    attributes/{name}.onnx + .json   ONNX attribute classifiers with their sidecar
+    attributes/{name}/               transformers attribute classifiers (pulled from the Hub)
+    llm/{name}/                      transformers chat models (pulled from the Hub)
+    manifest.json                    what was pulled from where, with every file's sha256
+
 `facecaption models pull detector` downloads an insightface model pack (a zip of ONNX files)
 into `{models_dir}/insightface/{pack}/`, streaming it to a temporary file while hashing it.
 The archive's sha256 is checked against a pin (the `--sha256` option, or the registry below
 when it has one) before anything is extracted; with no pin the hash is recorded on first
 download and every later pull must match it (trust on first use, said out loud). Extraction
 goes to a temporary folder renamed into place, so a killed pull leaves no half pack.
-`manifest.json` in the cache records url, archive sha256 and each file's sha256.
+Pulls from the Hugging Face Hub are `facecaption.models.hub`. `manifest.json` records, per
+entry, where it came from (url and archive sha256, or Hub repo and resolved commit) and each
+file's sha256; `verify` refuses an installed entry whose files changed since.
 
 Nothing here runs at import, and nothing downloads unless `pull` is called.
 """
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import urllib.request
@@ -68,6 +79,41 @@ class ModelCache:
             return {}
         return json.loads(self.manifest_path.read_text())
 
+    def record(self, key: str, entry: dict) -> None:
+        """Set one manifest entry; the file is replaced whole (never half written)."""
+        entries = {**self.manifest(), key: entry}
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = self.manifest_path.with_name(f".manifest-{os.getpid()}.json")
+        partial.write_text(json.dumps(entries, indent=2, sort_keys=True))
+        partial.replace(self.manifest_path)
+
+    def llm_dir(self, name: str) -> Path:
+        """Where chat model `name` lives: `{root}/llm/{name}/` (Hugging Face format)."""
+        return self.root / "llm" / name
+
+    def attribute_folder(self, name: str) -> Path:
+        """Where transformers attribute model `name` lives: `{root}/attributes/{name}/`."""
+        return self.root / "attributes" / name
+
+    def verify(self, key: str, folder: Path) -> None:
+        """Refuse (ModelChecksumError) an installed entry whose files differ from what its
+        pull recorded; entries never pulled (a folder copied in by hand) pass as they are."""
+        from facecaption.models.hub import pull_command
+        from facecaption.models.identity import model_file_sha256
+
+        entry = self.manifest().get(key)
+        if entry is None or entry.get("source") != "huggingface":
+            return
+        for relative, recorded in sorted(entry["files"].items()):
+            path = folder / relative
+            actual = model_file_sha256(path) if path.is_file() else "missing"
+            if actual != recorded:
+                raise ModelChecksumError(
+                    f"{path} changed since it was pulled from {entry['repo']}@{entry['commit']}"
+                    f" (sha256 {actual}, recorded {recorded}): pull it again with"
+                    f" `{pull_command(key, entry['repo'], entry['commit'])} --replace`"
+                )
+
     def pack_dir(self, pack: str) -> Path:
         return self.root / "insightface" / pack
 
@@ -97,7 +143,7 @@ class ModelCache:
         if url is None:
             raise ValueError(f"unknown pack {pack_name!r}: give --url (known: {', '.join(PACKS)})")
         pin = sha256 or (pack.sha256 if pack else None)
-        with self._scratch() as scratch:
+        with self.scratch() as scratch:
             archive, digest = self._verified_download(pack_name, url, pin, scratch)
             staged = scratch / "staged"
             with zipfile.ZipFile(archive) as bundle:
@@ -117,7 +163,7 @@ class ModelCache:
         from facecaption.attribute.backends.onnx import AttributeModelSpec
 
         key = f"attributes/{name}"
-        with self._scratch() as scratch:
+        with self.scratch() as scratch:
             model, digest = self._verified_download(key, url, sha256, scratch)
             sidecar = scratch / "model.json"
             _download(sidecar_url, sidecar)
@@ -130,7 +176,9 @@ class ModelCache:
         self._record(key, url, digest, bool(sha256), [target, target.with_suffix(".json")])
         return target
 
-    def _scratch(self) -> tempfile.TemporaryDirectory:
+    def scratch(self) -> tempfile.TemporaryDirectory:
+        """A temporary folder inside the cache (`with cache.scratch() as folder:`), removed
+        on exit: downloads land there and are renamed into place."""
         self.root.mkdir(parents=True, exist_ok=True)
         return _ScratchDir(self.root)
 
@@ -148,14 +196,15 @@ class ModelCache:
         return path, digest
 
     def _record(self, key: str, url: str, digest: str, pinned: bool, files) -> None:  # noqa: ANN001
-        entries = self.manifest()
-        entries[key] = {
-            "url": url,
-            "archive_sha256": digest,
-            "pinned": pinned,
-            "files": {path.name: sha256_file(path) for path in sorted(files)},
-        }
-        self.manifest_path.write_text(json.dumps(entries, indent=2, sort_keys=True))
+        self.record(
+            key,
+            {
+                "url": url,
+                "archive_sha256": digest,
+                "pinned": pinned,
+                "files": {path.name: sha256_file(path) for path in sorted(files)},
+            },
+        )
 
 
 class _ScratchDir(tempfile.TemporaryDirectory):

@@ -38,6 +38,15 @@ LLM_IDENTITY_PATTERNS = (
 )
 
 
+# Files that change what a transformers attribute classifier outputs.
+ATTRIBUTE_IDENTITY_PATTERNS = (
+    "config.json",
+    "celeba_labels.json",
+    "preprocessor_config.json",
+    "*.safetensors",
+)
+
+
 def digest_cache_file(settings: Settings) -> Path:
     """Where model digests are kept between processes."""
     return settings.home_dir / "cache" / "model-digests.json"
@@ -141,21 +150,36 @@ def onnx_attribute_identity(model_file: Path, digest_cache: Path | None = None) 
     return f"{weights}+sidecar:{model_file_sha256(sidecar, digest_cache)[:16]}"
 
 
-def attribute_identity(settings: Settings) -> str:
-    from facecaption.models.locate import attribute_model_file
+def transformers_attribute_identity(folder: Path, digest_cache: Path | None = None) -> str:
+    """`{folder name}@sha256:{digest}` over a transformers classifier's config, label list,
+    image processor and weights."""
+    return folder_identity(Path(folder), ATTRIBUTE_IDENTITY_PATTERNS, digest_cache)
 
-    return onnx_attribute_identity(attribute_model_file(settings), digest_cache_file(settings))
+
+def attribute_identity(settings: Settings) -> str:
+    from facecaption.models.locate import attribute_model
+
+    located = attribute_model(settings)
+    if located.backend == "transformers":
+        return transformers_attribute_identity(located.path, digest_cache_file(settings))
+    return onnx_attribute_identity(located.path, digest_cache_file(settings))
+
+
+def folder_identity(
+    folder: Path, patterns: tuple[str, ...], digest_cache: Path | None = None
+) -> str:
+    """`{folder name}@sha256:{digest}` over the files matching `patterns`, by name and sha256."""
+    files = sorted({path for pattern in patterns for path in folder.glob(pattern)})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{model_file_sha256(path, digest_cache)}\n".encode())
+    return f"{folder.name}@sha256:{digest.hexdigest()}"
 
 
 def transformers_llm_identity(folder: Path, digest_cache: Path | None = None) -> str:
     """`{folder name}@sha256:{digest}` over the folder's config, tokenizer, chat template and
     weights files."""
-    folder = Path(folder)
-    files = sorted({path for pattern in LLM_IDENTITY_PATTERNS for path in folder.glob(pattern)})
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}\0{model_file_sha256(path, digest_cache)}\n".encode())
-    return f"{folder.name}@sha256:{digest.hexdigest()}"
+    return folder_identity(Path(folder), LLM_IDENTITY_PATTERNS, digest_cache)
 
 
 def served_llm_identity(served_model: str) -> str:

@@ -5,11 +5,14 @@ ModelNotFoundError naming the command that fixes it; nothing is loaded or downlo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from facecaption.models.cache import ModelCache
 from facecaption.models.errors import ModelNotFoundError
 from facecaption.settings import Settings
+
+DEFAULT_LLM_REPO = "Qwen/Qwen2.5-1.5B-Instruct"  # the default `caption.model`'s Hub repo
 
 
 def detector_backend(settings: Settings) -> str:
@@ -37,20 +40,59 @@ def detector_model_file(settings: Settings) -> Path:
     return ModelCache(settings.model_cache_dir).detector_file(detect.model_pack)
 
 
-def attribute_model_file(settings: Settings) -> Path:
-    """The configured model's .onnx (its sidecar beside it), or a ModelNotFoundError."""
-    if settings.attribute.model_path:
-        path = Path(settings.attribute.model_path).expanduser()
+@dataclass(frozen=True)
+class AttributeModelLocation:
+    backend: str  # "onnx" (path: the .onnx, its sidecar .json beside it) or "transformers"
+    path: Path  # the .onnx file or the transformers folder
+
+
+def attribute_model(settings: Settings) -> AttributeModelLocation:
+    """The attribute model the settings name and its backend, or a ModelNotFoundError naming
+    the commands that get one. `auto` takes an .onnx (with its sidecar) or a folder holding a
+    config.json, whichever is there (the .onnx first)."""
+    attribute = settings.attribute
+    if attribute.model_path:
+        path = Path(attribute.model_path).expanduser()
+        backend = attribute.backend
+        if backend == "auto":
+            backend = "transformers" if path.is_dir() else "onnx"
+        candidates = {backend: path}
+        where = f"FACECAPTION_ATTRIBUTE__MODEL_PATH names {path}"
     else:
-        path = ModelCache(settings.model_cache_dir).attribute_model(settings.attribute.model)
-    if not path.is_file() or not path.with_suffix(".json").is_file():
-        raise ModelNotFoundError(
-            f"no attribute model at {path} (+ {path.with_suffix('.json').name}): export one"
-            " with `facecaption models convert-attributes CHECKPOINT` or pull one with"
-            " `facecaption models pull attributes --url ...`, or set"
-            " FACECAPTION_ATTRIBUTE__MODEL_PATH to an .onnx with its sidecar"
-        )
-    return path
+        cache = ModelCache(settings.model_cache_dir)
+        candidates = {
+            "onnx": cache.attribute_model(attribute.model),
+            "transformers": cache.attribute_folder(attribute.model),
+        }
+        if attribute.backend != "auto":
+            candidates = {attribute.backend: candidates[attribute.backend]}
+        where = f"no attribute model {attribute.model!r} in the model cache ({cache.root})"
+    for backend, path in candidates.items():
+        if backend == "onnx" and path.is_file() and path.with_suffix(".json").is_file():
+            return AttributeModelLocation("onnx", path)
+        if backend == "transformers" and (path / "config.json").is_file():
+            if not attribute.model_path:
+                ModelCache(settings.model_cache_dir).verify(f"attributes/{path.name}", path)
+            return AttributeModelLocation("transformers", path)
+    name = attribute.model
+    raise ModelNotFoundError(
+        f"{where}, which holds no attribute model ({_expected(candidates)}). Pull a transformers"
+        f" CelebA-40 classifier with `facecaption models pull attributes --hf REPO --name"
+        f" {name}`, or an ONNX one with `facecaption models pull attributes --url URL.onnx"
+        f" --sidecar-url URL.json --name {name}`, or convert a ResNet-50 checkpoint with"
+        f" `facecaption models convert-attributes CHECKPOINT --name {name}`; or set"
+        " FACECAPTION_ATTRIBUTE__MODEL_PATH to an .onnx (sidecar beside it) or a"
+        " transformers folder"
+    )
+
+
+def _expected(candidates: dict[str, Path]) -> str:
+    return " or ".join(
+        f"{path} with {path.with_suffix('.json').name}"
+        if backend == "onnx"
+        else f"a folder {path} with config.json"
+        for backend, path in candidates.items()
+    )
 
 
 def configured_llm_folder(settings: Settings) -> Path:
@@ -62,8 +104,8 @@ def configured_llm_folder(settings: Settings) -> Path:
 
 
 def llm_folder(settings: Settings) -> Path:
-    """The transformers model folder the settings name, or a ModelNotFoundError saying how
-    to get one."""
+    """The transformers model folder the settings name (its files checked against what their
+    pull recorded), or a ModelNotFoundError naming the command that gets one."""
     caption = settings.caption
     folder = configured_llm_folder(settings)
     if caption.model_path:
@@ -72,11 +114,17 @@ def llm_folder(settings: Settings) -> Path:
         where = f"caption model {caption.model!r} is not in the model cache: {folder}"
     if not (folder / "config.json").is_file():
         qwen = folder.name.lower().startswith("qwen")
-        hub_name = folder.name if qwen else "Qwen2.5-1.5B-Instruct"
+        repo = f"Qwen/{folder.name if qwen else DEFAULT_LLM_REPO.split('/')[1]}"
+        name = "" if repo.endswith(f"/{folder.name}") else f" --name {folder.name}"
+        if caption.model_path:
+            fix = f"`facecaption models pull llm {repo}` and unset model_path"
+        else:
+            fix = f"`facecaption models pull llm {repo}{name}` (any chat model in HF format)"
         raise ModelNotFoundError(
             f"{where}, which holds no Hugging Face model (no config.json). On a machine with"
-            f" internet: `huggingface-cli download Qwen/{hub_name} --local-dir {folder}`"
-            f" (any chat model in HF format works), then copy the folder here; or set"
-            f" caption.backend = 'openai' with a base_url, or 'template' for no LLM."
+            f" internet: {fix}; or set caption.backend = 'openai' with a base_url, or"
+            " 'template' for no LLM."
         )
+    if not caption.model_path:
+        ModelCache(settings.model_cache_dir).verify(f"llm/{folder.name}", folder)
     return folder

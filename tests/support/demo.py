@@ -19,7 +19,7 @@ from facecaption.core.pipeline import Pipeline
 from facecaption.core.redaction import redact_url
 from facecaption.core.status import format_status
 from facecaption.models.errors import ModelNotFoundError
-from facecaption.models.locate import attribute_model_file, detector_model_file
+from facecaption.models.locate import attribute_model, detector_model_file
 from facecaption.release.publish import read_manifest
 from facecaption.release.report import REPORT_NAME
 from facecaption.settings import Settings
@@ -74,7 +74,7 @@ def demo_attribute_model(settings: Settings) -> dict[str, str]:
     """Nothing when a real attribute model is in the cache; else the demo statistics model,
     built under the demo folder, so the stage runs offline (its labels mean nothing)."""
     try:
-        attribute_model_file(settings)
+        attribute_model(settings)
         return {}
     except ModelNotFoundError:
         path = build_statistics_model(settings.home_dir / "demo" / "models" / "statistics.onnx")

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.attribute.labels import CELEBA_ATTRIBUTES, check_celeba_labels
 from facecaption.models.errors import ModelNotFoundError
 from facecaption.models.identity import onnx_attribute_identity
 from facecaption.models.runtime import default_providers
@@ -69,13 +69,7 @@ class AttributeModelSpec:
         return spec
 
     def validate(self, where: Path | str) -> None:
-        if sorted(self.labels) != sorted(CELEBA_ATTRIBUTES):
-            missing = set(CELEBA_ATTRIBUTES) - set(self.labels)
-            extra = set(self.labels) - set(CELEBA_ATTRIBUTES)
-            raise ValueError(
-                f"{where}: labels must be the 40 CelebA names once each;"
-                f" missing {sorted(missing)}, unknown {sorted(extra)}"
-            )
+        check_celeba_labels(self.labels, where)
         if self.crop not in ("center_square", "none"):
             raise ValueError(f"{where}: crop must be center_square or none")
         if self.interpolation not in RESAMPLING:
