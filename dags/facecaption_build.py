@@ -87,11 +87,14 @@ def facecaption_build() -> None:
     @task
     def plan(**context: Any) -> list[str]:
         from facecaption.core.pipeline import Pipeline
+        from facecaption.models.preflight import require_stage_models
 
         params = context["params"]
         source = params["source"]
         sources = [source] if isinstance(source, str) else list(source or [])
         with Pipeline.open() as pipeline:
+            # a missing model fails the run here, before any shard downloads anything
+            require_stage_models(pipeline.settings, params["stages"])
             selection = pipeline.select_work(
                 sources,
                 params["shard_ids"],

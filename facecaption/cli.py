@@ -1,5 +1,5 @@
 """The `facecaption` command: db, plan, run, status, publish, report, takedown, models,
-text-stats, config, demo."""
+text-stats, config, doctor, demo."""
 
 from __future__ import annotations
 
@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(handler=_config)
 
+    doctor = commands.add_parser(
+        "doctor", help="per model stage: which model would run, its identity, where it came from"
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=_doctor)
+
     demo = commands.add_parser(
         "demo", help="build a sample source, serve it on loopback, run the build DAG in Airflow"
     )
@@ -233,36 +239,43 @@ def _run(args: argparse.Namespace) -> int:
     done but some shard's stage was still held by another worker after waiting
     `busy_wait_s`."""
     from facecaption.core.pipeline import Pipeline, run_shards
+    from facecaption.core.progress import LineProgress, TerminalProgress
+    from facecaption.core.status import stage_summaries
+    from facecaption.models.preflight import require_stage_models
 
     settings = Settings()
     with Pipeline.open(settings) as pipeline:
         stages = args.stage or pipeline.stage_names
+        require_stage_models(settings, stages)  # before planning or downloading anything
         selection = pipeline.select_work(args.source, args.shard, stages=stages)
     # A source file that cannot be planned is named now, the others still run.
     for error in selection.plan_errors.values():
         print(f"facecaption: error: {error}", file=sys.stderr)
+    # a terminal gets live lines per shard; logs and pipes a line per finished stage
+    live = sys.stdout.isatty()
+    progress = TerminalProgress(sys.stdout, stages) if live else LineProgress(sys.stdout)
     last = {}
-    for shard_run in run_shards(
-        settings, selection.shard_ids, stages, force=args.force,
-        retry_transient=args.retry_transient, jobs=args.jobs,
-    ):  # fmt: skip
-        last[shard_run.shard_id] = shard_run
-        for outcome in shard_run.outcomes:
-            print(
-                f"{outcome.shard_id} {outcome.stage}: {outcome.status} {json.dumps(outcome.counts)}"
-            )
-            for warning in outcome.warnings:
-                print(f"{outcome.shard_id} {outcome.stage}: warning: {warning}")
-        if shard_run.busy:
-            if shard_run.waited:
-                then = f"still busy after waiting {settings.busy_wait_s:g} s"
-            elif settings.busy_wait_s > 0:
-                then = "skipped; tried again after the other shards"
-            else:
-                then = "skipped"
-            print(f"{shard_run.shard_id} {shard_run.busy} ({then})", file=sys.stderr)
-        if shard_run.error:
-            print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)
+    try:
+        for shard_run in run_shards(
+            settings, selection.shard_ids, stages, force=args.force,
+            retry_transient=args.retry_transient, jobs=args.jobs, progress=progress,
+        ):  # fmt: skip
+            last[shard_run.shard_id] = shard_run
+            if shard_run.busy:
+                if shard_run.waited:
+                    then = f"still busy after waiting {settings.busy_wait_s:g} s"
+                elif settings.busy_wait_s > 0:
+                    then = "skipped; tried again after the other shards"
+                else:
+                    then = "skipped"
+                print(f"{shard_run.shard_id} {shard_run.busy} ({then})", file=sys.stderr)
+            if shard_run.error:
+                print(f"{shard_run.shard_id} {shard_run.error}", file=sys.stderr)
+    finally:
+        progress.close()
+    with Pipeline.open(settings) as pipeline:
+        rows = pipeline.status(selection.shard_ids, artifacts=False)
+        print("\n".join(stage_summaries(rows, stages)))
     if selection.plan_errors:
         print(
             f"facecaption: not all chosen work was done: {len(selection.plan_errors)} source"
@@ -476,6 +489,28 @@ def _text_stats(args: argparse.Namespace) -> int:
             f" {stats['unique_4grams']} distinct 4-grams"
         )
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from facecaption.models.preflight import check_stage_models
+
+    settings = Settings()
+    checks = check_stage_models(settings)
+    if args.json:
+        print(json.dumps([check.as_json() for check in checks], indent=2))
+        return 0 if all(check.ready for check in checks) else 1
+    print(f"model cache: {settings.model_cache_dir}")
+    for check in checks:
+        print(f"{check.stage}: {check.backend}" + ("" if check.ready else "  NOT READY"))
+        for label, value in (
+            ("model", check.model),
+            ("identity", check.identity),
+            ("from", check.origin),
+            ("missing", check.problem),
+        ):
+            if value:
+                print(f"  {label + ':':<9} {value}")
+    return 0 if all(check.ready for check in checks) else 1
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -99,6 +99,7 @@ class AttributeStage:
                             "model_id": model.model_id,
                         }
                     )
+                context.progress(counts)
         path = store.shard_path(shard.shard_id, ATTRIBUTES_PARQUET)
         with store.publish(path) as tmp:
             write_parquet(rows, ATTRIBUTES_SCHEMA, tmp)

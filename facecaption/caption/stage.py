@@ -111,6 +111,7 @@ class CaptionStage:
             rows += caption_faces(
                 faces[start : start + PROMPTS_PER_CALL], grammar, limits, rewriter
             )
+            context.progress({"faces": len(rows), "to_caption": len(faces)})
         path = store.shard_path(shard.shard_id, CAPTIONS_PARQUET)
         with store.publish(path) as tmp:
             write_parquet(rows, CAPTIONS_SCHEMA, tmp)

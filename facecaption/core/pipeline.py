@@ -9,12 +9,13 @@ from __future__ import annotations
 import multiprocessing
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from facecaption.core.errors import PermanentError
 from facecaption.core.fingerprints import Fingerprints
+from facecaption.core.progress import ProgressEvent, ProgressSink
 from facecaption.core.runner import RETRYABLE, StageOutcome, run_stage
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactStore
@@ -32,6 +33,7 @@ from facecaption.state.shards import STATUSES, ShardFilter
 
 WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
 WORK_PARTS = ("pending", "retryable", "stale")  # what `work` means
+PROGRESS_POLL_S = 0.2  # how often progress from worker processes is passed on
 
 
 class PlanError(PermanentError, ValueError):
@@ -197,10 +199,11 @@ class Pipeline:
         force: bool = False,
         retry_transient: bool = False,
         wait_s: float = 0,
+        progress: ProgressSink | None = None,
     ) -> StageOutcome:
         return run_stage(
             stage, shard_id, self.settings, self.state, self.store,
-            force=force, retry_transient=retry_transient, wait_s=wait_s,
+            force=force, retry_transient=retry_transient, wait_s=wait_s, progress=progress,
         )  # fmt: skip
 
     def status(
@@ -327,27 +330,36 @@ class ShardRun:
 
 def run_shard(
     settings: Settings, shard_id: str, stages: list[str], force: bool,
-    retry_transient: bool = False, wait_s: float = 0,
+    retry_transient: bool = False, wait_s: float = 0, progress: ProgressSink | None = None,
 ) -> ShardRun:  # fmt: skip
     """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)
-    or at a stage another worker holds (after waiting `wait_s` for it)."""
+    or at a stage another worker holds (after waiting `wait_s` for it). `progress` gets
+    running counts and an event at the end of each stage."""
     outcomes = []
     with Pipeline.open(settings) as pipeline:
         for stage in stages:
             try:
-                outcomes.append(
-                    pipeline.run(
-                        stage,
-                        shard_id,
-                        force=force,
-                        retry_transient=retry_transient,
-                        wait_s=wait_s,
-                    )  # fmt: skip
-                )
+                outcome = pipeline.run(
+                    stage, shard_id, force=force, retry_transient=retry_transient,
+                    wait_s=wait_s, progress=progress,
+                )  # fmt: skip
             except ShardBusyError as busy:  # running elsewhere, or taken over from us
+                if progress:
+                    progress(ProgressEvent(shard_id, stage, {}, status="busy", error=str(busy)))
                 return ShardRun(shard_id, outcomes, busy=f"{stage}: {busy}", waited=wait_s > 0)
             except Exception as error:  # the state DB has the failure; report it and stop
-                return ShardRun(shard_id, outcomes, f"{stage}: {type(error).__name__}: {error}")
+                message = f"{type(error).__name__}: {error}"
+                if progress:
+                    progress(ProgressEvent(shard_id, stage, {}, status="failed", error=message))
+                return ShardRun(shard_id, outcomes, f"{stage}: {message}")
+            outcomes.append(outcome)
+            if progress:
+                progress(
+                    ProgressEvent(
+                        shard_id, stage, outcome.counts, outcome.status,
+                        warnings=outcome.warnings,
+                    )
+                )  # fmt: skip
     return ShardRun(shard_id, outcomes, waited=wait_s > 0)
 
 
@@ -359,21 +371,26 @@ def run_shards(
     force: bool = False,
     retry_transient: bool = False,
     jobs: int = 1,
+    progress: ProgressSink | None = None,
 ) -> Iterator[ShardRun]:
     """Run stages on shards, `jobs` shards at a time in separate processes (one per core is
-    the usual choice: each process downloads with many connections of its own).
+    the usual choice: each process downloads with many connections of its own). `progress`
+    gets every shard's events, in this process, as they happen.
 
     A shard whose stage another worker holds is skipped and reported (`busy`); once the others
     are done, each skipped shard is tried again from that stage, waiting up to
     `settings.busy_wait_s` for the other worker (a stage it finished is then skipped here).
     Each shard's last ShardRun says whether its chosen work is done."""
     busy: dict[str, list[str]] = {}
-    for shard_run in _run_pass(settings, shard_ids, stages, force, retry_transient, jobs, {}):
+    first = _run_pass(settings, shard_ids, stages, force, retry_transient, jobs, {}, progress)
+    for shard_run in first:
         if shard_run.busy:
             busy[shard_run.shard_id] = stages[len(shard_run.outcomes) :]
         yield shard_run
     if busy and settings.busy_wait_s > 0:
-        yield from _run_pass(settings, list(busy), stages, force, retry_transient, jobs, busy)
+        yield from _run_pass(
+            settings, list(busy), stages, force, retry_transient, jobs, busy, progress
+        )
 
 
 def _run_pass(
@@ -384,6 +401,7 @@ def _run_pass(
     retry_transient: bool,
     jobs: int,
     remaining: dict[str, list[str]],
+    progress: ProgressSink | None = None,
 ) -> Iterator[ShardRun]:
     """One pass over `shard_ids`; with `remaining` (shard -> stages left), the second one,
     which waits for busy stages."""
@@ -394,13 +412,27 @@ def _run_pass(
     ]
     if jobs <= 1:
         for call in calls:
-            yield run_shard(*call)
+            yield run_shard(*call, progress)
         return
     # spawn: a forked child would inherit the parent's DB connections and event loop state
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_shard, *call) for call in calls]
-        for future in as_completed(futures):
-            yield future.result()
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        events = manager.Queue() if progress else None
+
+        def drain() -> None:
+            while events is not None and not events.empty():
+                progress(events.get())
+
+        pending = {
+            pool.submit(run_shard, *call, events.put if events is not None else None)
+            for call in calls
+        }
+        while pending:
+            finished, pending = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
+            drain()
+            for future in finished:
+                yield future.result()
+        drain()
 
 
 def status_totals(rows: list[ShardStatusRow]) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from facecaption.core.fingerprints import LiveStageInputs, current_inputs, fingerprint
+from facecaption.core.progress import ProgressSink, Throttled
 from facecaption.core.stage import Stage, StageContext, stage_registry
 from facecaption.core.store import ArtifactStore
 from facecaption.settings import Settings
@@ -102,6 +103,7 @@ def run_stage(
     fresh: bool = False,
     retry_transient: bool = False,
     wait_s: float = 0,
+    progress: ProgressSink | None = None,
 ) -> StageOutcome:
     """Run a stage on a shard unless it is done with the same fingerprint.
 
@@ -109,6 +111,7 @@ def run_stage(
     (the fetch stage re-tries only transient failures). `retry_transient` runs it only when it
     left `retryable` work (what a refresh does). `fresh` also ignores earlier outputs.
     `wait_s`: how long to wait for another worker that holds this shard's stage.
+    `progress` gets the stage's running counts as it goes.
     """
     stage = get_stage(stage_name)
     shard = state.get_shard(shard_id)
@@ -138,6 +141,7 @@ def run_stage(
             fingerprint=wanted,
             previous=current if reusable and not fresh else None,
             inputs=inputs,
+            **({"progress": Throttled(progress, shard_id, stage.name)} if progress else {}),
         )
         try:
             store.remove_partials(

@@ -12,7 +12,7 @@ answers from the state DB and work selection from one prefetched table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +72,8 @@ class StageContext:
     # What the fingerprint covers (`shard_inputs` and `settings_inputs`): e.g. the checksums
     # of the input stage's artifacts, which a stage may check what it reads against.
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Running counts as the stage goes (see facecaption.core.progress); call it freely.
+    progress: Callable[[dict[str, int]], None] = lambda counts: None
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,20 @@ def format_status(rows: list[ShardStatusRow]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
         for line in [header, *table]
     ]
-    for stage, total in status_totals(rows).items():
+    lines += stage_summaries(rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def stage_summaries(rows: list[ShardStatusRow], stages: list[str] | None = None) -> list[str]:
+    """One line per stage: its shards by status and the sum of each count."""
+    totals = status_totals(rows)
+    lines = []
+    for stage in totals if stages is None else stages:
+        total = totals.get(stage, {"shards": {}, "counts": {}})
         shards = ", ".join(f"{n} {status}" for status, n in sorted(total["shards"].items()))
         counts = ", ".join(f"{name} {n}" for name, n in sorted(total["counts"].items()))
         lines.append(f"{stage}: {shards}" + (f"; {counts}" if counts else ""))
-    return "\n".join(line.rstrip() for line in lines)
+    return lines
 
 
 def status_json(rows: list[ShardStatusRow]) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class DetectStage:
                     found = detector.detect([image.pixels for _, image in batch])
                     for (key, image), faces in zip(batch, found, strict=True):
                         rows += self._keep(shard, key, image, faces, detector, limits, out, counts)
+                    context.progress(counts)
             tar_ref = store.describe(tar_path, tmp_tar)
         with store.publish(parquet_path) as tmp_parquet:
             write_parquet(rows, FACES_SCHEMA, tmp_parquet)

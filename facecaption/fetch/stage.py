@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +164,16 @@ class FetchStage:
                 taken_down = skip_taken_down_urls(rows, urls, context.takedowns)
                 kept = reused | refused | taken_down
                 to_fetch = [(row, urls[row.row]) for row in rows if row.row not in kept]
-                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool))
+                # progress: rows answered so far ("done") and their statuses
+                answered = Counter(record["status"] for record in kept.values())
+                answered["done"] = len(kept)
+
+                def report(record: dict[str, Any]) -> None:
+                    answered["done"] += 1
+                    answered[record["status"]] += 1
+                    context.progress({"rows": len(rows), **answered})
+
+                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool, report))
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
                 drop_taken_down_images(records, context.takedowns)
@@ -245,9 +254,13 @@ def check_rows(
 
 
 async def fetch_rows(
-    rows: list[tuple[SourceRow, URL]], limits: FetchSettings, spool: Spool
+    rows: list[tuple[SourceRow, URL]],
+    limits: FetchSettings,
+    spool: Spool,
+    on_record: Callable[[dict[str, Any]], None] = lambda record: None,
 ) -> dict[int, dict[str, Any]]:
-    """Download and check `rows`, spooling the bytes of images we keep; records by row.
+    """Download and check `rows`, spooling the bytes of images we keep; records by row, each
+    also passed to `on_record` as soon as it is final.
 
     Memory is bounded by settings, not by the number of rows: at most `concurrency` bodies
     downloading and `concurrency` waiting for their check (each under `max_bytes`); bodies go
@@ -289,6 +302,7 @@ async def fetch_rows(
                     if check.status == "ok":
                         spool.add(row.row, body)
                 records[row.row] = record
+                on_record(record)
 
         async with Downloader(limits) as downloader:
             # More workers than connections: a worker waiting for a busy or paused host holds
