@@ -510,6 +510,8 @@ def _doctor(args: argparse.Namespace) -> int:
         ):
             if value:
                 print(f"  {label + ':':<9} {value}")
+        if check.demo:
+            print("  note:     a demo stand-in: it runs the code, its outputs mean nothing")
     return 0 if all(check.ready for check in checks) else 1
 
 

@@ -287,14 +287,29 @@ class ExportSettings(BaseModel):
         description="released crops of each shard scored with BRISQUE when it is exported"
         " (its first ones in row order): what the report samples from",
     )
+    gallery_faces_per_shard: int = Field(
+        4,
+        ge=0,
+        description="captioned faces of each shard kept (as small thumbnails) when it is"
+        " exported (its first ones in row order): what the report's gallery samples from",
+    )
+    report_gallery_faces: int = Field(
+        24,
+        ge=0,
+        description="faces shown in the report's gallery, chosen by face id from what the"
+        " exports kept",
+    )
 
     # the release's file layout and the report: not part of any shard's export (a changed
-    # quality_crops_per_shard applies to shards exported from then on)
+    # quality_crops_per_shard or gallery_faces_per_shard applies to shards exported from
+    # then on)
     NOT_SHARD_FIELDS: ClassVar[tuple[str, ...]] = (
         "rows_per_file",
         "row_group_size",
         "report_max_crops",
         "quality_crops_per_shard",
+        "gallery_faces_per_shard",
+        "report_gallery_faces",
     )
 
     def output_settings(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -37,6 +38,16 @@ def sums(settings, stage: str) -> Counter:
         return total
 
 
+def scored_crops(settings) -> int:
+    """How many BRISQUE scores the exports kept: each shard's first quality_crops_per_shard
+    released crops (the sample data's group photo gives one shard more than that)."""
+    with Pipeline.open(settings) as pipeline, pipeline.state.engine.connect() as conn:
+        released = conn.execute(
+            sa.text("SELECT (counts->>'released')::int FROM shard_stages WHERE stage = 'export'")
+        ).scalars()
+        return sum(min(n, settings.export.quality_crops_per_shard) for n in released)
+
+
 def test_report_numbers_match_the_state_db(released):  # noqa: F811
     settings, shard_ids, release = released
     with Pipeline.open(settings) as pipeline:
@@ -68,11 +79,61 @@ def test_report_numbers_match_the_state_db(released):  # noqa: F811
     assert sum(data["image_min_side"]["counts"]) == fetch["ok"]
     assert data["unique_4grams"]["template"]["captions"] == data["funnel"]["captioned"]
     assert data["unique_4grams"]["template"]["unique_4grams"] > 0
-    assert data["brisque"]["crops"] == release.rows  # all of them: fewer than report_max_crops
+    # all the exports scored: fewer than report_max_crops
+    assert data["brisque"]["crops"] == scored_crops(settings) > 0
     assert data["brisque"]["mean"] is not None
     for stage in ("fetch", "detect", "attribute", "caption", "export"):
         assert data["throughput"][stage]["attempts"] == len(shard_ids), stage
     assert data["throughput"]["fetch"]["items"] == fetch["rows"]
+
+
+def test_report_shows_a_gallery_the_models_and_why_faces_were_dropped(released):  # noqa: F811
+    settings, shard_ids, release = released
+    settings = settings.model_copy(
+        update={"export": settings.export.model_copy(update={"report_gallery_faces": 3})}
+    )
+    with Pipeline.open(settings) as pipeline:
+        path = write_report(pipeline)
+        captions, attributes, detector_ids = {}, {}, Counter()
+        for shard_id in shard_ids:
+            for row in pq.read_table(
+                pipeline.store.shard_path(shard_id, "captions.parquet")
+            ).to_pylist():
+                captions[row["face_id"]] = row
+            table = pq.read_table(pipeline.store.shard_path(shard_id, "attributes.parquet"))
+            attributes.update({r["face_id"]: r for r in table.to_pylist()})
+            faces = pq.read_table(pipeline.store.shard_path(shard_id, "faces.parquet"))
+            detector_ids.update(faces.column("detector_id").to_pylist())
+    page = Path(path).read_text(encoding="utf-8")
+    data = report_data(path)
+    gallery = data["gallery"]
+    assert gallery["sampled_from"] == len(captions) > 3 and len(gallery["faces"]) == 3
+    assert page.count('<figure class="face">') == 3 and "base64" not in json.dumps(data)
+    for face in gallery["faces"]:
+        caption = captions[face["face_id"]]
+        assert (face["caption"], face["raw_text"], face["fidelity"]) == (
+            caption["caption"], caption["raw_text"], caption["fidelity"]
+        )  # fmt: skip
+        assert face["labels"] == attributes[face["face_id"]]["valid_labels"]
+    for encoded in re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', page):
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) <= 112
+    # the same sample next time
+    with Pipeline.open(settings) as pipeline:
+        again = report_data(write_report(pipeline))["gallery"]["faces"]
+    assert [f["face_id"] for f in again] == [f["face_id"] for f in gallery["faces"]]
+    assert data["models"]["detect"] == {"models": dict(detector_ids), "demo": False}
+    assert set(data["models"]["attribute"]["models"]) == {
+        row["model_id"] for row in attributes.values()
+    }
+    assert data["models"]["caption"]["models"] == {"template": len(captions)}
+    detect = sums(settings, "detect")
+    assert data["detect"]["kept"] == detect["faces_kept"]
+    assert data["detect"]["dropped"] == {
+        k.removeprefix("dropped_"): v for k, v in detect.items() if k.startswith("dropped_")
+    }
+    assert 'id="demo-banner"' not in page and "arXiv:2407.08515" in page
+    assert '#54a24b"/>' in page and '#e45756"/>' in page  # kept green, failures red
 
 
 def test_report_renders_in_chromium_without_errors(released, browser, page_errors, tmp_path):  # noqa: F811
@@ -100,8 +161,8 @@ def test_report_renders_in_chromium_without_errors(released, browser, page_error
 
 def test_report_reads_no_shard_artifact_and_samples_quality_boundedly_and_stably(released):  # noqa: F811
     """The report comes from what the exports stored: with every shard artifact deleted it
-    says exactly the same. Its BRISQUE sample is the same crops each time, at most
-    `report_max_crops` of them."""
+    says exactly the same, gallery pictures and models used included. Its BRISQUE sample is
+    the same crops each time, at most `report_max_crops` of them."""
     settings, shard_ids, release = released
     with Pipeline.open(settings) as pipeline:
         first = collect(pipeline)
@@ -113,7 +174,11 @@ def test_report_reads_no_shard_artifact_and_samples_quality_boundedly_and_stably
         k: v for k, v in first.items() if k != "generated_at"
     }
     assert first["exported_shards"] == len(shard_ids)
-    assert first["brisque"]["crops"] == release.rows > 2
+    assert first["gallery"]["faces"] and first["models"]["detect"]["models"]
+    assert all(
+        face["thumbnail"].startswith("data:image/jpeg") for face in first["gallery"]["faces"]
+    )
+    assert first["brisque"]["crops"] == scored_crops(settings) > 2
     assert bounded["brisque"]["crops"] == 2
     assert bounded["brisque"] == bounded_again["brisque"]
 
@@ -121,7 +186,11 @@ def test_report_reads_no_shard_artifact_and_samples_quality_boundedly_and_stably
 def test_shards_exported_before_statistics_were_kept_get_them_once(released):  # noqa: F811
     settings, shard_ids, _ = released
     one_crop = settings.model_copy(
-        update={"export": settings.export.model_copy(update={"quality_crops_per_shard": 1})}
+        update={
+            "export": settings.export.model_copy(
+                update={"quality_crops_per_shard": 1, "gallery_faces_per_shard": 1}
+            )
+        }
     )
     with Pipeline.open(one_crop) as pipeline:
         first = collect(pipeline)
@@ -130,10 +199,18 @@ def test_shards_exported_before_statistics_were_kept_get_them_once(released):  #
         backfilled = collect(pipeline)
         with pipeline.state.engine.connect() as conn:
             stored = conn.execute(sa.text("SELECT count(*) FROM stage_stats")).scalar()
+            thumbnails = conn.execute(
+                sa.text("SELECT (SELECT count(*) FROM jsonb_object_keys(stats->'thumbnails'))"
+                        " FROM stage_stats")
+            ).scalars().all()  # fmt: skip
         assert pipeline.state.finished_stats("export")[1] == {}
     assert stored == len(shard_ids)
+    assert max(thumbnails) == 1 and backfilled["models"] == first["models"]
     for key in ("funnel", "image_min_side", "face_min_side", "attributes", "caption_words",
                 "fidelity", "unique_4grams"):  # fmt: skip
         assert backfilled[key] == first[key], key
     # worked out again with one crop per shard: bounded by the setting
     assert 0 < backfilled["brisque"]["crops"] <= len(shard_ids) < first["brisque"]["crops"]
+    gallery = backfilled["gallery"]
+    assert 0 < gallery["candidates"] <= len(shard_ids) < first["gallery"]["candidates"]
+    assert len(gallery["faces"]) == gallery["candidates"]  # fewer than report_gallery_faces

@@ -47,6 +47,17 @@ ATTRIBUTE_IDENTITY_PATTERNS = (
 )
 
 
+# Stand-in models (the demo's image-statistics "classifier", its random tiny LLM) are named
+# with this prefix: they run the real code but their outputs mean nothing, and the report and
+# `facecaption doctor` say so wherever they made something.
+DEMO_MODEL_PREFIX = "demo-"
+
+
+def is_demo_model(model_id: str | None) -> bool:
+    """Whether an identity names a stand-in model (see DEMO_MODEL_PREFIX)."""
+    return bool(model_id) and model_id.startswith(DEMO_MODEL_PREFIX)
+
+
 def digest_cache_file(settings: Settings) -> Path:
     """Where model digests are kept between processes."""
     return settings.home_dir / "cache" / "model-digests.json"

@@ -36,6 +36,13 @@ class StageModel:
     def ready(self) -> bool:
         return self.problem is None
 
+    @property
+    def demo(self) -> bool:
+        """A stand-in whose outputs mean nothing (`facecaption.models.identity`)."""
+        from facecaption.models.identity import is_demo_model
+
+        return is_demo_model(self.identity)
+
     def as_json(self) -> dict[str, str | None]:
         return asdict(self)
 

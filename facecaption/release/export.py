@@ -236,9 +236,9 @@ class ExportStage:
         try:
             stats = shard_stats(
                 store, shard.shard_id, [row["face_id"] for row in rows],
-                limits.quality_crops_per_shard, read=tables.rows,
+                limits.quality_crops_per_shard, limits.gallery_faces_per_shard, read=tables.rows,
             )  # fmt: skip
-        except (OSError, tarfile.TarError) as error:  # faces.tar, read for the quality sample
+        except (OSError, tarfile.TarError) as error:  # faces.tar: quality sample, thumbnails
             raise StageInputError(
                 f"{FACES_TAR} of shard {shard.shard_id} cannot be used: {error}"
             ) from error

@@ -2,15 +2,20 @@
 network) that people read before they use or cite a build.
 
 It shows the funnel source -> fetched -> with faces -> kept faces -> attributed -> captioned
--> released next to FaceCaption-15M's ratios, the fetch status breakdown, image and face
-resolution distributions, attribute and category frequencies, caption lengths, distinct
-4-grams of the grammar's text vs the LLM's captions, fidelity-check outcomes, BRISQUE image
-quality of a sample of released crops, and per-stage throughput from the attempt history.
+-> released next to FaceCaption-15M's ratios (the paper's figures cited), a gallery of a
+sample of faces (crop, labels, raw text, caption, fidelity verdict), the models each stage
+used (a banner when demo stand-ins made labels or captions), detect drop reasons (these
+face-level sections are `facecaption.release.report_faces`), the fetch status breakdown (in
+colours that mean kept, policy or failure), image and face resolution distributions,
+attribute and category frequencies, caption lengths, distinct 4-grams of the grammar's text
+vs the LLM's captions, fidelity-check outcomes, BRISQUE image quality of a sample of released
+crops, and per-stage throughput from the attempt history.
 
 Counts come from the state DB (the same numbers `facecaption status --json` sums); the
-distributions are merged from the statistics each shard's export stored once
-(`facecaption.release.stats`), so writing the report reads no shard artifact and costs the
-same few queries at 5,000 shards as at 5. The numbers are also embedded as JSON
+distributions, the models used and the gallery's faces are merged from the statistics each
+shard's export stored once (`facecaption.release.stats`; the gallery's thumbnails are read
+for the faces shown only), so writing the report reads no shard artifact and costs the same
+few queries at 5,000 shards as at 5. The numbers are also embedded as JSON
 (`<script type="application/json" id="report-data">`).
 """
 
@@ -33,11 +38,13 @@ from facecaption.core.artifacts import (
     REPORT_NAME,
 )
 from facecaption.core.store import ArtifactStore
+from facecaption.release import report_faces
 from facecaption.release.publish import release_ownership
 from facecaption.release.stats import (
     BRISQUE_BINS,
     SIDE_BINS,
     STATS_FORMAT,
+    THUMBNAILS,
     WORD_BINS,
     histogram,
     merge_stats,
@@ -101,7 +108,8 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
         for name in sorted(fetch)
         if name not in {"rows", "bytes", "fetched", "reused", "retryable"}
     }
-    merged = merge_stats(export_stats(pipeline).values(), max_crops)
+    gallery_faces = pipeline.settings.export.report_gallery_faces
+    merged = merge_stats(export_stats(pipeline).values(), max_crops, gallery_faces)
     quality = merged["quality_scores"]
     categories = {
         category: sum(merged["attributes"][name] for name in names)
@@ -133,15 +141,22 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
             "note": merged["quality_note"],
         },
         "throughput": _throughput(pipeline),
+        "detect": report_faces.detect_outcomes(detect),
+        "models": report_faces.models_used(merged["models"]),
+        "gallery": {
+            "faces": report_faces.gallery(pipeline, merged["gallery_faces"]),
+            "sampled_from": merged["captioned"],
+            "candidates": merged["gallery_candidates"],
+        },
     }
 
 
 def export_stats(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
-    """Each exported shard's report statistics, as its export stored them. A shard exported
-    before statistics were kept (or in an older format) has them worked out from its
-    artifacts now, once, and stored."""
+    """Each exported shard's report statistics as its export stored them, without the
+    gallery's thumbnails. A shard exported before statistics were kept (or in an older
+    format) has them worked out from its artifacts now, once, and stored."""
     state, store = pipeline.state, pipeline.store
-    stats, missing = state.finished_stats("export")
+    stats, missing = state.finished_stats("export", leave_out=[THUMBNAILS])
     for shard_id, stored in list(stats.items()):
         if stored.get("format") != STATS_FORMAT:
             del stats[shard_id]
@@ -153,8 +168,10 @@ def export_stats(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             shard_id,
             released.column("face_id").to_pylist(),
             pipeline.settings.export.quality_crops_per_shard,
+            pipeline.settings.export.gallery_faces_per_shard,
         )
         state.record_stats(shard_id, "export", attempt, stats[shard_id])
+        del stats[shard_id][THUMBNAILS]
     return stats
 
 
@@ -197,8 +214,13 @@ th:first-child,td:first-child{text-align:left}.note{color:#667}
 """
 
 
-def _bars(items: list[tuple[str, float]], title: str, color: str = "#4c78a8") -> str:
-    """A horizontal bar chart as inline SVG."""
+def _bars(
+    items: list[tuple[str, float]],
+    title: str,
+    color: str = "#4c78a8",
+    colors: list[str] | None = None,
+) -> str:
+    """A horizontal bar chart as inline SVG; `colors` gives each bar its own."""
     width, label_w, bar_h = 520, 190, 18
     height = bar_h * max(1, len(items)) + 24
     peak = max((value for _, value in items), default=0) or 1
@@ -213,7 +235,8 @@ def _bars(items: list[tuple[str, float]], title: str, color: str = "#4c78a8") ->
         parts.append(
             f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end">{html.escape(label)}</text>'
             f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{bar_h - 5}"'
-            f' fill="{color}"/><text x="{label_w + w + 4:.1f}" y="{y + 13}">{value:g}</text>'
+            f' fill="{colors[i] if colors else color}"/>'
+            f'<text x="{label_w + w + 4:.1f}" y="{y + 13}">{value:g}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -259,8 +282,10 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
         for stage, t in data["throughput"].items()
     ]
     grams = data["unique_4grams"]
+    statuses = list(data["fetch_statuses"].items())
     sections = [
         f"<h1>{html.escape(title)}</h1>",
+        report_faces.render_banner(data["models"]),
         f'<p class="note">Generated {html.escape(data["generated_at"])} from {data["shards"]}'
         " shards. Counts come from the state DB; distributions from the statistics stored by"
         f" the export of each of the {data['exported_shards']} exported shards.</p>",
@@ -271,10 +296,20 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
             "funnel",
         ),
         _bars([(FUNNEL_LABELS[s], funnel[s]) for s in steps], "Funnel"),
+        report_faces.render_paper_figures(),
+        report_faces.render_gallery(**data["gallery"]),
+        report_faces.render_models(data["models"], _table),
+        report_faces.render_detect(data["detect"], _bars),
         '<div class="grid"><div><h2>Fetch statuses</h2>',
-        _table(["status", "rows"], list(data["fetch_statuses"].items()), "fetch-statuses"),
+        _table(["status", "rows"], statuses, "fetch-statuses"),
+        '<p class="note">Green: kept; grey: a duplicate; amber: refused by policy (opt-out,'
+        " robots.txt, address, takedown); red: a failure.</p>",
         "</div><div><h2>&nbsp;</h2>",
-        _bars(list(data["fetch_statuses"].items()), "Fetch statuses", "#e45756"),
+        _bars(
+            statuses,
+            "Fetch statuses",
+            colors=[report_faces.status_colour(status) for status, _ in statuses],
+        ),
         "</div></div>",
         '<div class="grid"><div><h2>Image resolution (shorter side, px)</h2>',
         _bars(
@@ -313,6 +348,11 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
         ),
         "<h2>Fidelity check</h2>",
         _table(["outcome", "faces"], list(data["fidelity"].items()), "fidelity"),
+        _bars(
+            list(data["fidelity"].items()),
+            "Fidelity outcomes",
+            colors=[report_faces.outcome_colour(outcome) for outcome in data["fidelity"]],
+        ),
         "</div></div>",
         "<h2>Image quality (BRISQUE, lower is better)</h2>",
         f'<p class="note">{quality["crops"]} released crops scored (sampled from'
@@ -327,10 +367,22 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
             "throughput",
         ),
     ]
-    blob = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    # the numbers, without the gallery's embedded pictures (they are on the page already)
+    numbers = {
+        **data,
+        "gallery": {
+            **data["gallery"],
+            "faces": [
+                {k: v for k, v in face.items() if k != "thumbnail"}
+                for face in data["gallery"]["faces"]
+            ],
+        },
+    }
+    blob = json.dumps(numbers, sort_keys=True).replace("</", "<\\/")
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{STYLE}{report_faces.STYLE}</style></head>"
+        "<body>"
         + "".join(sections)
         + f'<script type="application/json" id="report-data">{blob}</script></body></html>'
     )

@@ -7,9 +7,13 @@ A shard's statistics: histograms of image and face-crop shorter sides and of cap
 HyperLogLog sketch of the distinct word 4-grams of the grammar's text and of the LLM's
 captions (sketches merge; distinct counts do not add up), and BRISQUE scores of the shard's
 first `export.quality_crops_per_shard` released crops (in source row order, so only the start
-of `faces.tar` is read). The report picks at most `export.report_max_crops` of all shards'
-scored crops by a hash of the face id: the same crops from one report to the next while their
-shards are unchanged.
+of `faces.tar` is read), the faces each model made (per model stage), and the report's
+gallery candidates: the shard's first `export.gallery_faces_per_shard` captioned faces (read in
+the same pass over the start of `faces.tar`) with their labels, texts and fidelity verdict,
+and, apart under `THUMBNAILS`, each one's crop as a small JPEG. The report picks at most
+`export.report_max_crops` of all shards' scored crops and `export.report_gallery_faces` of
+their gallery faces by a hash of the face id: the same ones from one report to the next while
+their shards are unchanged; it reads the thumbnails of the faces it shows only.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import io
 import math
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -39,11 +43,22 @@ from facecaption.core.artifacts import (
 from facecaption.core.store import ArtifactStore
 from facecaption.core.writers import iter_webdataset
 
-STATS_FORMAT = 1
+STATS_FORMAT = 2  # 2: models, gallery, thumbnails
 SIDE_BINS = [0, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, math.inf]
 WORD_BINS = [0, 10, 20, 30, 40, 50, 60, 80, 100, 150, math.inf]
 BRISQUE_BINS = [-math.inf, 0, 10, 20, 30, 40, 50, 60, 80, math.inf]
 TEXT_KINDS = ("template", "llm")
+MODEL_COLUMNS = {  # model stage -> (artifact, column naming the model)
+    "detect": (FACES_PARQUET, "detector_id"),
+    "attribute": (ATTRIBUTES_PARQUET, "model_id"),
+    "caption": (CAPTIONS_PARQUET, "model_id"),
+}
+GALLERY_FIELDS = ("face_id", "raw_text", "caption", "caption_source", "fidelity")
+# The gallery's crops, kept apart from the rest of a shard's statistics so that the report
+# reads every shard's numbers without them and then only the thumbnails it shows.
+THUMBNAILS = "thumbnails"
+THUMBNAIL_PX = 112  # gallery crops: longer side, px (the ArcFace crop size)
+THUMBNAIL_JPEG_QUALITY = 80
 
 
 def histogram(values: Iterable[float], edges: list[float]) -> list[int]:
@@ -119,6 +134,7 @@ def shard_stats(
     shard_id: str,
     released_face_ids: list[str],
     quality_crops: int,
+    gallery_faces: int,
     read: Callable[[str, list[str]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The report's statistics of one exported shard, read from its artifacts column by
@@ -136,12 +152,16 @@ def shard_stats(
         for row in column_rows(FETCH_PARQUET, ["status", "width", "height"])
         if row["status"] == "ok" and row["width"] and row["height"]
     ]
-    face_sides = [
-        min(row["crop_width"], row["crop_height"])
-        for row in column_rows(FACES_PARQUET, ["crop_width", "crop_height"])
-    ]
+    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_COLUMNS}
+    face_sides = []
+    for row in column_rows(FACES_PARQUET, ["crop_width", "crop_height", "detector_id"]):
+        face_sides.append(min(row["crop_width"], row["crop_height"]))
+        models["detect"][row["detector_id"]] += 1
     labels: Counter[str] = Counter()
-    for row in column_rows(ATTRIBUTES_PARQUET, ["kept", "valid_labels"]):
+    valid_labels: dict[str, list[str]] = {}
+    for row in column_rows(ATTRIBUTES_PARQUET, ["face_id", "kept", "valid_labels", "model_id"]):
+        models["attribute"][row["model_id"]] += 1
+        valid_labels[row["face_id"]] = row["valid_labels"]
         if row["kept"]:
             labels.update(row["valid_labels"])
     lengths: list[int] = []
@@ -149,8 +169,15 @@ def shard_stats(
     sources: Counter[str] = Counter()
     sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
     texts = Counter[str]()
-    columns = ["raw_text", "caption", "caption_source", "fidelity", "word_count"]
+    captioned: dict[str, dict[str, Any]] = {}  # what the gallery shows of each
+    columns = [*GALLERY_FIELDS, "word_count", "model_id"]
     for row in column_rows(CAPTIONS_PARQUET, columns):
+        models["caption"][row["model_id"]] += 1
+        if gallery_faces:
+            captioned[row["face_id"]] = {
+                **{name: row[name] for name in GALLERY_FIELDS},
+                "labels": valid_labels.get(row["face_id"], []),
+            }
         lengths.append(row["word_count"])
         fidelity[row["fidelity"]] += 1
         sources[row["caption_source"]] += 1
@@ -161,6 +188,7 @@ def shard_stats(
             texts[kind] += 1
             sketches[kind].update(_gram_text(gram) for gram in ngrams(words(text)))
     scores, note = quality_sample(store, shard_id, released_face_ids, quality_crops)
+    gallery, thumbnails = gallery_sample(store, shard_id, captioned, gallery_faces)
     return {
         "format": STATS_FORMAT,
         "image_min_side": histogram(image_sides, SIDE_BINS),
@@ -174,7 +202,30 @@ def shard_stats(
             for kind in TEXT_KINDS
         },
         "quality": {"released": len(released_face_ids), "scores": scores, "note": note},
+        "models": {stage: dict(sorted(ids.items())) for stage, ids in models.items()},
+        "gallery": gallery,
+        THUMBNAILS: thumbnails,
     }
+
+
+def first_crops(
+    store: ArtifactStore, shard_id: str, face_ids: Iterable[str], count: int
+) -> Iterator[tuple[str, bytes]]:
+    """`(face id, crop bytes)` of the first `count` of `face_ids` in the shard's `faces.tar`,
+    which is read only as far as those."""
+    wanted = {face_id.split("/", 1)[1]: face_id for face_id in face_ids}
+    count = min(count, len(wanted))
+    if not count:
+        return
+    found = 0
+    with store.open(store.shard_path(shard_id, FACES_TAR)) as handle:
+        for key, ext, payload in iter_webdataset(handle):
+            if ext == "json" or key not in wanted:
+                continue
+            yield wanted[key], payload
+            found += 1
+            if found >= count:
+                return
 
 
 def quality_sample(
@@ -184,34 +235,50 @@ def quality_sample(
     (read only as far as those), and a note when the model is unavailable."""
     from facecaption.release.quality import BrisqueModelError, ImageTooSmallError, brisque_score
 
-    wanted = {face_id.split("/", 1)[1]: face_id for face_id in released_face_ids}
     scores: list[list[Any]] = []
-    if not crops or not wanted:
-        return scores, ""
-    seen = 0
     try:
-        with store.open(store.shard_path(shard_id, FACES_TAR)) as handle:
-            for key, ext, payload in iter_webdataset(handle):
-                if ext == "json" or key not in wanted:
-                    continue
-                seen += 1
-                with Image.open(io.BytesIO(payload)) as crop:
-                    try:
-                        score = brisque_score(crop)
-                    except ImageTooSmallError:
-                        score = math.nan
-                if math.isfinite(score):
-                    scores.append([wanted[key], round(score, 4)])
-                if seen >= crops or seen >= len(wanted):
-                    break
+        for face_id, payload in first_crops(store, shard_id, released_face_ids, crops):
+            with Image.open(io.BytesIO(payload)) as crop:
+                try:
+                    score = brisque_score(crop)
+                except ImageTooSmallError:
+                    score = math.nan
+            if math.isfinite(score):
+                scores.append([face_id, round(score, 4)])
     except BrisqueModelError as error:
         return [], str(error)
     return scores, ""
 
 
-def merge_stats(all_stats: Iterable[dict[str, Any]], max_crops: int) -> dict[str, Any]:
+def gallery_sample(
+    store: ArtifactStore, shard_id: str, captioned: dict[str, dict[str, Any]], faces: int
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The first `faces` captioned faces in `faces.tar`: what the gallery shows of each (from
+    `captioned`, by face id), and each one's crop as a thumbnail, by face id."""
+    gallery: list[dict[str, Any]] = []
+    thumbnails: dict[str, str] = {}
+    for face_id, payload in first_crops(store, shard_id, captioned, faces):
+        gallery.append(captioned[face_id])
+        thumbnails[face_id] = thumbnail(payload)
+    return gallery, thumbnails
+
+
+def thumbnail(crop: bytes) -> str:
+    """A crop as a small JPEG data: URI."""
+    with Image.open(io.BytesIO(crop)) as image:
+        small = image.convert("RGB")
+        small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=THUMBNAIL_JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def merge_stats(
+    all_stats: Iterable[dict[str, Any]], max_crops: int, gallery_faces: int = 0
+) -> dict[str, Any]:
     """The report's distributions over shards: histograms and counters summed, sketches
-    merged, and at most `max_crops` of the scored crops, chosen by a hash of the face id."""
+    merged, and at most `max_crops` of the scored crops and `gallery_faces` of the gallery
+    candidates (without their thumbnails), each chosen by a hash of the face id."""
     image_sides = [0] * (len(SIDE_BINS) - 1)
     face_sides = [0] * (len(SIDE_BINS) - 1)
     caption_words = [0] * (len(WORD_BINS) - 1)
@@ -221,6 +288,8 @@ def merge_stats(all_stats: Iterable[dict[str, Any]], max_crops: int) -> dict[str
     sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
     texts = Counter[str]()
     candidates: list[tuple[bytes, float]] = []
+    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_COLUMNS}
+    gallery: list[tuple[bytes, dict[str, Any]]] = []
     released = 0
     notes: set[str] = set()
     shards = 0
@@ -247,6 +316,11 @@ def merge_stats(all_stats: Iterable[dict[str, Any]], max_crops: int) -> dict[str
             (hashlib.sha256(face_id.encode()).digest(), score)
             for face_id, score in quality["scores"]
         ]
+        for stage, ids in stats["models"].items():
+            models[stage].update(ids)
+        gallery += [
+            (hashlib.sha256(face["face_id"].encode()).digest(), face) for face in stats["gallery"]
+        ]
     quality_scores = [score for _, score in sorted(candidates)[:max_crops]]
     return {
         "shards": shards,
@@ -264,4 +338,8 @@ def merge_stats(all_stats: Iterable[dict[str, Any]], max_crops: int) -> dict[str
         "quality_candidates": len(candidates),
         "released": released,
         "quality_note": "; ".join(sorted(notes)),
+        "models": {stage: dict(ids.most_common()) for stage, ids in models.items()},
+        "captioned": sum(sources.values()),
+        "gallery_faces": [face for _, face in sorted(gallery, key=lambda c: c[0])[:gallery_faces]],
+        "gallery_candidates": len(gallery),
     }

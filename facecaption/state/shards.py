@@ -675,20 +675,25 @@ class ShardState:
             {"s": shard_id, "t": stage, "n": attempt, "stats": json.dumps(stats)},
         )
 
-    def finished_stats(self, stage: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    def finished_stats(
+        self, stage: str, leave_out: Sequence[str] = ()
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
         """For every shard whose `stage` finished (done, or running again after finishing):
-        the statistics of its last finished attempt, and, apart, the shards (with their
-        attempt) done without statistics (finished before statistics were kept). One query."""
+        the statistics of its last finished attempt (without their top-level keys named in
+        `leave_out`: bulky parts read apart with `stats_items`), and, apart, the shards (with
+        their attempt) done without statistics (finished before statistics were kept). One
+        query."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT ss.shard_id, ss.status, ss.attempt, st.stats::text AS stats"
+                    "SELECT ss.shard_id, ss.status, ss.attempt,"
+                    " (st.stats - CAST(:leave_out AS text[]))::text AS stats"
                     " FROM shard_stages ss"
                     " LEFT JOIN stage_stats st ON st.shard_id = ss.shard_id"
                     " AND st.stage = ss.stage WHERE ss.stage = :stage"
                     " AND ss.status IN ('done', 'running') ORDER BY ss.shard_id"
                 ),
-                {"stage": stage},
+                {"stage": stage, "leave_out": list(leave_out)},
             )
             stats: dict[str, dict[str, Any]] = {}
             missing: dict[str, int] = {}
@@ -698,6 +703,30 @@ class ShardState:
                 elif row.status == "done":
                     missing[row.shard_id] = row.attempt
             return stats, missing
+
+    def stats_items(
+        self, stage: str, key: str, items: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Any]:
+        """`stats[key][name]` of the stored statistics of `stage` for each `(shard id, name)`
+        in `items` that has one: a few entries of a bulky part, in one query."""
+        if not items:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT i.shard_id, i.name, (st.stats -> :key -> i.name)::text AS value"
+                    " FROM unnest(CAST(:shards AS text[]), CAST(:names AS text[]))"
+                    " AS i (shard_id, name) JOIN stage_stats st ON st.shard_id = i.shard_id"
+                    " AND st.stage = :stage WHERE st.stats -> :key -> i.name IS NOT NULL"
+                ),
+                {
+                    "stage": stage,
+                    "key": key,
+                    "shards": [shard_id for shard_id, _ in items],
+                    "names": [name for _, name in items],
+                },
+            )
+            return {(row.shard_id, row.name): _decode_json(row.value) for row in rows}
 
     def shard_totals(self) -> tuple[int, int]:
         """Registered shards and the source rows they cover."""

@@ -12,6 +12,7 @@ Also `count_queries`: every statement any engine sends while the block runs.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -20,7 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
+from PIL import Image
 from sqlalchemy.engine import Engine
 
 from facecaption.core.fingerprints import Fingerprints, PrefetchedStageInputs
@@ -30,8 +33,10 @@ from facecaption.release.stats import (
     SIDE_BINS,
     STATS_FORMAT,
     TEXT_KINDS,
+    THUMBNAILS,
     WORD_BINS,
     DistinctSketch,
+    thumbnail,
 )
 from facecaption.settings import Settings
 from facecaption.state import Shard, StageState
@@ -143,7 +148,34 @@ def _stats(shard_id: str, released: int, rng: random.Random, sketches: list[str]
             ],
             "note": "",
         },
+        "models": {
+            "detect": {"retinaface.onnx@sha256:b7a7": released + released // 5},
+            "attribute": {"celeba40-resnet50.onnx@sha256:0a1b": released + released // 10},
+            "caption": {"Qwen2.5-7B-Instruct@sha256:9c8d": released},
+        },
+        "gallery": [
+            {
+                "face_id": f"{shard_id}/{i:09d}_00",
+                "raw_text": " ".join(rng.choices(WORDS, k=12)),
+                "caption": " ".join(rng.choices(WORDS, k=20)),
+                "caption_source": "llm",
+                "fidelity": "pass",
+                "labels": ["Male", "Young", "Smiling", "Brown_Hair", "Big_Nose"],
+            }
+            for i in range(4)
+        ],
+        THUMBNAILS: {f"{shard_id}/{i:09d}_00": _thumbnail() for i in range(4)},
     }
+
+
+@functools.cache
+def _thumbnail() -> str:
+    """A gallery thumbnail of a face crop's size (a smooth 112 px JPEG)."""
+    ramp = np.linspace(40, 220, 112, dtype=np.uint8)
+    pixels = np.stack([np.add.outer(ramp // 2, ramp // 2)] * 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    return thumbnail(buffer.getvalue())
 
 
 def _copy(engine: Engine, table: str, columns: list[str], rows: list[list[Any]]) -> None:
