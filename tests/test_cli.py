@@ -76,30 +76,61 @@ def test_run_unknown_shard_is_a_clear_error(cli_env, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_build_dag_and_prints_the_summary(tmp_path, settings_env):
-    """The README's demo, minus the install: sample source, loopback server, Airflow. It
-    never prints the state DB's password (the test server trusts loopback: any will do)."""
+def test_demo_runs_the_build_dag_and_later_commands_act_like_it(tmp_path, settings_env):
+    """The README's demo, minus the install: sample source, loopback server, Airflow; the
+    packaged RetinaFace keeps the faces that pass the paper's filters, aligned on five points,
+    and the report shows them. Afterwards, commands with only the same home act like the demo
+    (its settings file), even with the sample site gone. It never prints the state DB's
+    password (the test server trusts loopback: any will do)."""
     db_url = make_url(settings_env["FACECAPTION_DB_URL"])
     password = db_url.password or "demo-password-never-printed"
+    home = tmp_path / "home"
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
-        "FACECAPTION_HOME": str(tmp_path / "home"),
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FACECAPTION_"))},
+        "FACECAPTION_HOME": str(home),
         "FACECAPTION_DB_URL": db_url.set(password=password).render_as_string(hide_password=False),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "facecaption.cli", "demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "facecaption.cli", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    done = cli("demo")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "fetch: 3 done" in done.stdout
-    assert str(tmp_path / "home" / "artifacts") in done.stdout
-    report = tmp_path / "home" / "artifacts" / "release" / "report.html"
+    assert "fetch: 3 done" in done.stdout and "detector: retinaface" in done.stdout
+    assert str(home / "artifacts") in done.stdout
+    report = home / "artifacts" / "release" / "report.html"
     assert f"report:    {report}" in done.stdout and report.stat().st_size > 0
-    assert "release:   " in done.stdout
+    assert "release:   " in done.stdout and f"settings:  {home / 'facecaption.toml'}" in done.stdout
     assert password not in done.stdout + done.stderr
+    assert (home / "facecaption.toml").stat().st_mode & 0o077 == 0  # it holds the password
+    page = report.read_text()
+    assert 'id="demo-banner"' in page and page.count('<figure class="face">') >= 1
+    data = json.loads(
+        page.split('id="report-data">')[1].split("</script>")[0].replace("<\\/", "</")
+    )
+    assert data["detect"]["aligned"] == {"five_point": data["detect"]["kept"]}
+    assert data["detect"]["kept"] >= 1 and data["detect"]["dropped"]["too_small"] >= 1
+
+    env.pop("FACECAPTION_DB_URL")  # from here on, the demo's settings file says where
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    shards = json.loads(status.stdout)["shards"]
+    first = shards[0]["shard_id"]
+    rerun = cli("run", "--shard", first, "--force", "--stage", "fetch")
+    assert rerun.returncode == 0, rerun.stderr
+    counts = json.loads(cli("status", "--json", "--shard", first).stdout)["shards"][0]["stages"]
+    fetch, before = counts["fetch"]["counts"], shards[0]["stages"]["fetch"]["counts"]
+    assert "blocked_address" not in fetch and fetch["ok"] == before["ok"]
+    doctor = cli("doctor")
+    assert doctor.returncode == 0 and "a demo stand-in" in doctor.stdout
+    out = tmp_path / "again.html"
+    assert cli("report", "--out", str(out)).returncode == 0 and 'id="gallery"' in out.read_text()
 
 
 def test_run_with_jobs_fetches_shards_in_worker_processes(
