@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_fetch.py --images 600 --write docs/benchmarks.md
 	$(BIN)/python bench/bench_img2dataset.py --urls 5000 --write docs/benchmarks.md
 	$(BIN)/python bench/bench_detect.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_detectors.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_attributes.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_caption.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_release.py --shards 200 --rows 3000 --write docs/benchmarks.md
