@@ -33,8 +33,10 @@ def facecaption_refresh() -> None:
     @task
     def find_work(**context: Any) -> list[str]:
         from facecaption.core.pipeline import Pipeline, WorkSelection
+        from facecaption.models.preflight import require_stage_models
 
         with Pipeline.open() as pipeline:
+            require_stage_models(pipeline.settings)  # a missing model fails here, not per shard
             sources = pipeline.settings.refresh.sources
             # new files add their shards; a file that cannot be planned is reported
             plan_errors = pipeline.plan(sources).errors if sources else {}

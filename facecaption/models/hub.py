@@ -22,7 +22,6 @@ ONNX, GGUF, ...) are not downloaded.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -186,29 +185,15 @@ def _checked_files(folder: Path, listed: dict[str, tuple[str, str]], where: str)
 
 def _check_loadable(kind: str, folder: Path, where: str) -> None:
     """Refuse a download its stage could not load, before it is installed."""
-    if not (folder / "config.json").is_file():
-        raise HubPullError(f"{where} has no config.json: not a transformers model")
-    try:
-        json.loads((folder / "config.json").read_text())
-    except (ValueError, UnicodeError) as error:
-        raise HubPullError(f"{where}: config.json is not JSON ({error})") from None
-    if not any(folder.glob("*.safetensors")):
-        raise HubPullError(
-            f"{where} has no .safetensors weights: facecaption reads safetensors only"
-        )
-    if kind == "llm":
-        if not any(
-            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
-        ):
-            raise HubPullError(f"{where} has no tokenizer (tokenizer.json): not a chat model")
-        return
-    from facecaption.attribute.backends.transformers_classifier import read_celeba_labels
+    from facecaption.models.locate import transformers_folder_problem
 
-    read_celeba_labels(folder)
-    if not (folder / "preprocessor_config.json").is_file():
-        raise HubPullError(
-            f"{where} has no preprocessor_config.json: its image preprocessing is unknown"
-        )
+    if kind == "attributes":
+        from facecaption.attribute.backends.transformers_classifier import read_celeba_labels
+
+        read_celeba_labels(folder)  # first: "not a CelebA-40 classifier" says the most
+    problem = transformers_folder_problem(folder, kind)
+    if problem:
+        raise HubPullError(f"{where}: {problem.removeprefix(str(folder)).lstrip('/ ')}")
 
 
 @contextmanager

@@ -5,6 +5,7 @@ ModelNotFoundError naming the command that fixes it; nothing is loaded or downlo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +129,23 @@ def llm_folder(settings: Settings) -> Path:
     if not caption.model_path:
         ModelCache(settings.model_cache_dir).verify(f"llm/{folder.name}", folder)
     return folder
+
+
+def transformers_folder_problem(folder: Path, kind: str) -> str | None:
+    """What keeps a transformers folder from loading as a `kind` ("llm" or "attributes")
+    model, or None: a readable config.json, safetensors weights, and a tokenizer (LLMs) or an
+    image processor (classifiers). The classifier's labels are checked by its backend."""
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"{folder}/config.json is not readable JSON ({error})"
+    if not any(folder.glob("*.safetensors")):
+        return f"{folder} has no .safetensors weights: facecaption reads safetensors only"
+    if kind == "llm":
+        if not any(
+            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+        ):
+            return f"{folder} has no tokenizer (tokenizer.json): not a chat model"
+    elif not (folder / "preprocessor_config.json").is_file():
+        return f"{folder} has no preprocessor_config.json: its image preprocessing is unknown"
+    return None

@@ -11,9 +11,7 @@ errors the stage itself would raise.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from facecaption.core.errors import SettingsError
 from facecaption.models.cache import ModelCache, ModelChecksumError
@@ -106,7 +104,7 @@ def _attribute_model(settings: Settings) -> StageModel:
     from facecaption.attribute.backends.onnx import AttributeModelSpec
     from facecaption.attribute.backends.transformers_classifier import read_celeba_labels
     from facecaption.models.identity import attribute_identity
-    from facecaption.models.locate import attribute_model
+    from facecaption.models.locate import attribute_model, transformers_folder_problem
 
     backend = settings.attribute.backend
     try:
@@ -116,6 +114,9 @@ def _attribute_model(settings: Settings) -> StageModel:
             AttributeModelSpec.load(located.path.with_suffix(".json"))
         else:
             read_celeba_labels(located.path)
+            problem = transformers_folder_problem(located.path, "attributes")
+            if problem:
+                raise ModelNotFoundError(problem)
         identity = attribute_identity(settings)
     except _CHECK_ERRORS as error:
         return _problem("attribute", backend, error)
@@ -128,7 +129,7 @@ def _attribute_model(settings: Settings) -> StageModel:
 
 def _caption_model(settings: Settings) -> StageModel:
     from facecaption.models.identity import caption_identity
-    from facecaption.models.locate import llm_folder
+    from facecaption.models.locate import llm_folder, transformers_folder_problem
 
     caption = settings.caption
     if caption.backend == "template":
@@ -146,7 +147,9 @@ def _caption_model(settings: Settings) -> StageModel:
         )
     try:
         folder = llm_folder(settings)
-        _check_llm_folder(folder)
+        problem = transformers_folder_problem(folder, "llm")
+        if problem:
+            raise ModelNotFoundError(problem)
         identity = caption_identity(settings)
     except _CHECK_ERRORS as error:
         return _problem("caption", "transformers", error)
@@ -155,17 +158,6 @@ def _caption_model(settings: Settings) -> StageModel:
     else:
         origin = _cache_origin(settings, f"llm/{caption.model}")
     return StageModel("caption", "transformers", str(folder), identity, origin)
-
-
-def _check_llm_folder(folder: Path) -> None:
-    try:
-        json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{folder}/config.json is not readable JSON: {error}") from None
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise ModelNotFoundError(f"{folder} has no tokenizer (tokenizer.json)")
-    if not any(folder.glob("*.safetensors")):
-        raise ModelNotFoundError(f"{folder} has no .safetensors weights")
 
 
 def _cache_origin(settings: Settings, key: str) -> str:
