@@ -93,10 +93,7 @@ def _detector(settings: Settings) -> StageModel:
         path = detector_model_file(settings)
     except _CHECK_ERRORS as error:
         return _problem("detect", backend, error)
-    if settings.detect.model_path:
-        origin = "detect.model_path"
-    else:
-        origin = _cache_origin(settings, settings.detect.model_pack)
+    origin = _origin(settings, settings.detect.model_path, "detect", settings.detect.model_pack)
     return StageModel("detect", backend, str(path), identity, origin)
 
 
@@ -120,10 +117,8 @@ def _attribute_model(settings: Settings) -> StageModel:
         identity = attribute_identity(settings)
     except _CHECK_ERRORS as error:
         return _problem("attribute", backend, error)
-    if settings.attribute.model_path:
-        origin = "attribute.model_path"
-    else:
-        origin = _cache_origin(settings, f"attributes/{settings.attribute.model}")
+    key = f"attributes/{settings.attribute.model}"
+    origin = _origin(settings, settings.attribute.model_path, "attribute", key)
     return StageModel("attribute", backend, str(located.path), identity, origin)
 
 
@@ -153,14 +148,14 @@ def _caption_model(settings: Settings) -> StageModel:
         identity = caption_identity(settings)
     except _CHECK_ERRORS as error:
         return _problem("caption", "transformers", error)
-    if caption.model_path:
-        origin = "caption.model_path"
-    else:
-        origin = _cache_origin(settings, f"llm/{caption.model}")
+    origin = _origin(settings, caption.model_path, "caption", f"llm/{caption.model}")
     return StageModel("caption", "transformers", str(folder), identity, origin)
 
 
-def _cache_origin(settings: Settings, key: str) -> str:
+def _origin(settings: Settings, model_path: str | None, section: str, key: str) -> str:
+    """Where a model came from: the path setting, else what the cache manifest says of it."""
+    if model_path:
+        return f"{section}.model_path"
     entry = ModelCache(settings.model_cache_dir).manifest().get(key)
     if entry is None:
         return "the model cache, put there by hand (no pull recorded its checksums)"

@@ -234,7 +234,10 @@ def _groups(
     next_index = max((entry["index"] for entry in previous["files"]), default=-1) + 1
     for shard in sorted(set(exported) - placed):
         rows = exported[shard]["rows"]
-        if groups and sum(exported[s]["rows"] for s in groups[-1][1]) + rows <= rows_per_file:
+        # A shard with no rows never opens a file: `datasets` cannot load a file of 0 rows.
+        if groups and (
+            rows == 0 or sum(exported[s]["rows"] for s in groups[-1][1]) + rows <= rows_per_file
+        ):
             groups[-1][1].append(shard)
         else:
             groups.append((next_index, [shard]))
