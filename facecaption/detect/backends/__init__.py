@@ -1,5 +1,7 @@
-"""Face detector backends behind one interface (`base.FaceDetector`), and the router that
-loads the one the settings ask for. Their names (`detector_id`) come from
+"""Face detector backends behind one interface (`base.FaceDetector`): the packaged RetinaFace
+(`retinaface`, the offline default), insightface packs (`insightface`, production) and OpenCV's
+cascade (`cascade`), and the router that loads the one the settings ask for (`auto`: see
+`facecaption.models.locate.detector_backend`). Their names (`detector_id`) come from
 `facecaption.models.identity`, the same function the detect fingerprint uses."""
 
 from __future__ import annotations
