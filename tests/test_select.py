@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 from support.sampledata import write_source
+from support.tiny_classifier import build_tiny_vit
 
+from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current_fingerprint
 from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import stage_registry
 
 
 def build_all(tmp_path, settings, sample, sample_site):
@@ -59,6 +62,56 @@ def test_a_changed_threshold_makes_exactly_that_stage_stale(built):
         assert pipeline.select_work(status="stale", stages=["attribute"]).shard_ids == shard_ids[1:]
         # the caption stage read the old attributes: it is stale now for the rerun shard
         assert pipeline.select_work(status="stale", stages=["caption"]).shard_ids == [shard_ids[0]]
+
+
+def test_model_backends_are_in_the_fingerprints_as_what_they_resolve_to(built, tmp_path):
+    """A detector or attribute backend of another kind makes exactly its stage stale (the
+    bulk fingerprints of selection agree with the runner's); `auto` and an unset input size
+    count as what they resolve to, so spelling them out changes nothing."""
+    settings, shard_ids, _ = built
+    registry = stage_registry()
+
+    def with_section(section: str, **changes):
+        return settings.model_copy(
+            update={section: getattr(settings, section).model_copy(update=changes)}
+        )
+
+    def fingerprints(variant, stage: str) -> list[str]:
+        with Pipeline.open(variant) as pipeline:
+            bulk = Fingerprints.prefetch(variant, pipeline.state, registry, None, takedowns=False)
+            live = LiveStageInputs(pipeline.state)
+            shards = pipeline.state.list_shards()
+            found = [bulk.current(stage, shard) for shard in shards]
+            assert found == [
+                current_fingerprint(registry[stage], shard, variant, live) for shard in shards
+            ]
+            return found
+
+    def stale(variant) -> list[str]:
+        with Pipeline.open(variant) as pipeline:
+            return pipeline.select_work(status="stale").shard_ids
+
+    retinaface = with_section("detect", backend="retinaface")
+    assert settings.detect.backend == "cascade" and stale(retinaface) == shard_ids
+    auto = with_section("detect", backend="auto", input_size=None)  # no insightface pack here
+    spelled = with_section("detect", backend="retinaface", input_size=1024)
+    assert fingerprints(auto, "detect") == fingerprints(spelled, "detect")
+    assert fingerprints(auto, "detect") == fingerprints(retinaface, "detect")
+    assert fingerprints(auto, "detect") != fingerprints(
+        with_section("detect", backend="retinaface", input_size=640), "detect"
+    )
+    # a transformers classifier where the ONNX model was: the attribute stage only
+    vit = build_tiny_vit(tmp_path / "tiny-vit")
+    transformers = with_section("attribute", model_path=str(vit), backend="transformers")
+    with Pipeline.open(transformers) as pipeline:
+        assert pipeline.select_work(status="stale", stages=["attribute"]).shard_ids == shard_ids
+        assert pipeline.select_work(status="stale", stages=["fetch", "detect"]).shard_ids == []
+    assert fingerprints(with_section("attribute", model_path=str(vit)), "attribute") == (
+        fingerprints(transformers, "attribute")
+    )
+    assert fingerprints(settings, "attribute") == fingerprints(
+        with_section("attribute", backend="onnx"), "attribute"
+    )
 
 
 def test_unknown_stage_or_status_is_a_clear_error(built):

@@ -25,6 +25,7 @@ from facecaption.core.artifacts import ATTRIBUTES_PARQUET, ATTRIBUTES_SCHEMA, FA
 from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import iter_webdataset, write_parquet
 from facecaption.models.identity import attribute_identity
+from facecaption.models.locate import attribute_model
 from facecaption.settings import Settings
 from facecaption.state import Shard
 
@@ -59,9 +60,10 @@ class AttributeStage:
     cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
+        located = attribute_model(settings)  # `auto` counts as the backend it resolves to
         return {
-            "settings": settings.attribute.output_settings(),
-            "model": attribute_identity(settings),
+            "settings": {**settings.attribute.output_settings(), "backend": located.backend},
+            "model": attribute_identity(settings, located),
         }
 
     def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:

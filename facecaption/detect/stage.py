@@ -37,6 +37,7 @@ from facecaption.detect.align import align_face
 from facecaption.detect.backends import load_detector
 from facecaption.detect.backends.base import FaceDetection, FaceDetector
 from facecaption.models.identity import detector_identity
+from facecaption.models.locate import detector_backend
 from facecaption.settings import DetectSettings, Settings
 from facecaption.state import Shard
 
@@ -104,7 +105,14 @@ class DetectStage:
     cross_shard_inputs = ()
 
     def settings_inputs(self, settings: Settings) -> dict[str, Any]:
-        return {"settings": settings.detect.output_settings(), "model": detector_identity(settings)}
+        # what runs, not how it was asked for: `auto` and an unset input size count as what
+        # they resolve to (a pack installed later turns `auto` into insightface: stale)
+        backend = detector_backend(settings)
+        resolved = {"backend": backend, "input_size": settings.detect.input_side(backend)}
+        return {
+            "settings": {**settings.detect.output_settings(), **resolved},
+            "model": detector_identity(settings),
+        }
 
     def shard_inputs(self, shard: Shard, settings: Settings, inputs: StageInputs) -> dict[str, Any]:
         return {"fetch": upstream_checksums(inputs, shard.shard_id, "fetch")}

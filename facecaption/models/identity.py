@@ -19,9 +19,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from facecaption.core.store import sha256_file
 from facecaption.settings import Settings
+
+if TYPE_CHECKING:
+    from facecaption.models.locate import AttributeModelLocation
 
 DIGEST_CACHE_MAX_ENTRIES = 4096  # bounds the file; the oldest entries go first
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -167,10 +171,11 @@ def transformers_attribute_identity(folder: Path, digest_cache: Path | None = No
     return folder_identity(Path(folder), ATTRIBUTE_IDENTITY_PATTERNS, digest_cache)
 
 
-def attribute_identity(settings: Settings) -> str:
+def attribute_identity(settings: Settings, located: AttributeModelLocation | None = None) -> str:
+    """The identity of the attribute model the settings name (`located`: already found)."""
     from facecaption.models.locate import attribute_model
 
-    located = attribute_model(settings)
+    located = located or attribute_model(settings)
     if located.backend == "transformers":
         return transformers_attribute_identity(located.path, digest_cache_file(settings))
     return onnx_attribute_identity(located.path, digest_cache_file(settings))
