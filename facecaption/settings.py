@@ -290,7 +290,7 @@ class ExportSettings(BaseModel):
     gallery_faces_per_shard: int = Field(
         4,
         ge=0,
-        description="captioned faces of each shard kept (as small thumbnails) when it is"
+        description="released faces of each shard kept (as small thumbnails) when it is"
         " exported (its first ones in row order): what the report's gallery samples from",
     )
     report_gallery_faces: int = Field(

@@ -13,10 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 from PIL import Image, ImageStat
-from test_release import released  # noqa: F401 (fixture)
+from test_release import release_table, released  # noqa: F401 (fixture)
 
 from facecaption.core.pipeline import Pipeline
+from facecaption.release.publish import publish_release
 from facecaption.release.report import collect, write_report
+from facecaption.release.takedowns import request_takedown
 
 
 def report_data(path: str) -> dict:
@@ -107,7 +109,7 @@ def test_report_shows_a_gallery_the_models_and_why_faces_were_dropped(released):
     page = Path(path).read_text(encoding="utf-8")
     data = report_data(path)
     gallery = data["gallery"]
-    assert gallery["sampled_from"] == len(captions) > 3 and len(gallery["faces"]) == 3
+    assert gallery["sampled_from"] == release.rows > 3 and len(gallery["faces"]) == 3
     assert page.count('<figure class="face">') == 3 and "base64" not in json.dumps(data)
     for face in gallery["faces"]:
         caption = captions[face["face_id"]]
@@ -134,6 +136,29 @@ def test_report_shows_a_gallery_the_models_and_why_faces_were_dropped(released):
     }
     assert 'id="demo-banner"' not in page and "arXiv:2407.08515" in page
     assert '#54a24b"/>' in page and '#e45756"/>' in page  # kept green, failures red
+
+
+def test_the_gallery_never_shows_a_face_under_a_takedown(released):  # noqa: F811
+    """The gallery's faces are released ones: a takedown re-exports the shard, and the face it
+    covers leaves the gallery with its thumbnail."""
+    settings, _, release = released
+    rows = {row["face_id"]: row for row in release_table(release).to_pylist()}
+    with Pipeline.open(settings) as pipeline:
+        shown = [face["face_id"] for face in collect(pipeline)["gallery"]["faces"]]
+        assert shown and set(shown) <= set(rows)
+        doomed = rows[shown[0]]
+        request_takedown(pipeline, [doomed["url"]], [], reason="subject's request")
+        after = publish_release(pipeline)
+        gallery = collect(pipeline)["gallery"]
+        with pipeline.state.engine.connect() as conn:
+            stored = conn.execute(
+                sa.text("SELECT stats->'thumbnails' FROM stage_stats WHERE shard_id = :s"),
+                {"s": doomed["shard_id"]},
+            ).scalar_one()
+    kept = {row["face_id"] for row in release_table(after).to_pylist()}
+    assert doomed["face_id"] not in kept and doomed["face_id"] not in stored
+    assert gallery["faces"] and {face["face_id"] for face in gallery["faces"]} <= kept
+    assert gallery["sampled_from"] == after.rows
 
 
 def test_report_renders_in_chromium_without_errors(released, browser, page_errors, tmp_path):  # noqa: F811

@@ -145,7 +145,7 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
         "models": report_faces.models_used(merged["models"]),
         "gallery": {
             "faces": report_faces.gallery(pipeline, merged["gallery_faces"]),
-            "sampled_from": merged["captioned"],
+            "sampled_from": merged["released"],
             "candidates": merged["gallery_candidates"],
         },
     }

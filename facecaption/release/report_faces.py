@@ -6,7 +6,8 @@ when a demo stand-in made labels or captions), and colours for statuses that mea
 Like the rest of the report, these come from what each shard's export stored
 (`facecaption.release.stats`), never from the shard artifacts: the models and the faces they
 made are counted there, and the gallery's candidates are each exported shard's first
-`export.gallery_faces_per_shard` captioned faces with a small JPEG of their crop. The gallery
+`export.gallery_faces_per_shard` released faces (never one under a takedown) with a small
+JPEG of their crop. The gallery
 shows `export.report_gallery_faces` of them chosen by the hash of their face id (the same
 faces from one report to the next while their shards are unchanged), and reads the thumbnails
 of those only.
@@ -151,7 +152,7 @@ def render_detect(outcomes: dict[str, Any], bars: Any) -> str:
 
 def render_gallery(faces: list[dict[str, Any]], sampled_from: int, candidates: int) -> str:
     if not faces:
-        return '<h2>Faces</h2><p class="note">No captioned faces yet.</p>'
+        return '<h2>Faces</h2><p class="note">No released faces yet.</p>'
     cards = []
     for face in faces:
         verdict = face["fidelity"]
@@ -167,7 +168,7 @@ def render_gallery(faces: list[dict[str, Any]], sampled_from: int, candidates: i
         )
     return (
         "<h2>Faces</h2>"
-        f'<p class="note">{len(faces)} of {sampled_from} captioned faces, chosen by face id'
+        f'<p class="note">{len(faces)} of {sampled_from} released faces, chosen by face id'
         f" from {candidates} kept by the exports (the first ones of each shard): the aligned"
         " crop, its valid attribute labels, the grammar's text (grey), the caption and the"
         " fidelity check's verdict.</p>"

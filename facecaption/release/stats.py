@@ -8,9 +8,10 @@ HyperLogLog sketch of the distinct word 4-grams of the grammar's text and of the
 captions (sketches merge; distinct counts do not add up), and BRISQUE scores of the shard's
 first `export.quality_crops_per_shard` released crops (in source row order, so only the start
 of `faces.tar` is read), the faces each model made (per model stage), and the report's
-gallery candidates: the shard's first `export.gallery_faces_per_shard` captioned faces (read in
-the same pass over the start of `faces.tar`) with their labels, texts and fidelity verdict,
-and, apart under `THUMBNAILS`, each one's crop as a small JPEG. The report picks at most
+gallery candidates: the shard's first `export.gallery_faces_per_shard` released faces (also
+read from the start of `faces.tar`; a face under a takedown is not released, so never shown)
+with their labels, texts and fidelity verdict, and, apart under `THUMBNAILS`, each one's crop
+as a small JPEG. The report picks at most
 `export.report_max_crops` of all shards' scored crops and `export.report_gallery_faces` of
 their gallery faces by a hash of the face id: the same ones from one report to the next while
 their shards are unchanged; it reads the thumbnails of the faces it shows only.
@@ -48,11 +49,7 @@ SIDE_BINS = [0, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, math.i
 WORD_BINS = [0, 10, 20, 30, 40, 50, 60, 80, 100, 150, math.inf]
 BRISQUE_BINS = [-math.inf, 0, 10, 20, 30, 40, 50, 60, 80, math.inf]
 TEXT_KINDS = ("template", "llm")
-MODEL_COLUMNS = {  # model stage -> (artifact, column naming the model)
-    "detect": (FACES_PARQUET, "detector_id"),
-    "attribute": (ATTRIBUTES_PARQUET, "model_id"),
-    "caption": (CAPTIONS_PARQUET, "model_id"),
-}
+MODEL_STAGES = ("detect", "attribute", "caption")  # their rows name the model that made them
 GALLERY_FIELDS = ("face_id", "raw_text", "caption", "caption_source", "fidelity")
 # The gallery's crops, kept apart from the rest of a shard's statistics so that the report
 # reads every shard's numbers without them and then only the thumbnails it shows.
@@ -152,7 +149,7 @@ def shard_stats(
         for row in column_rows(FETCH_PARQUET, ["status", "width", "height"])
         if row["status"] == "ok" and row["width"] and row["height"]
     ]
-    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_COLUMNS}
+    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_STAGES}
     face_sides = []
     for row in column_rows(FACES_PARQUET, ["crop_width", "crop_height", "detector_id"]):
         face_sides.append(min(row["crop_width"], row["crop_height"]))
@@ -169,12 +166,13 @@ def shard_stats(
     sources: Counter[str] = Counter()
     sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
     texts = Counter[str]()
-    captioned: dict[str, dict[str, Any]] = {}  # what the gallery shows of each
+    released = set(released_face_ids)
+    shown: dict[str, dict[str, Any]] = {}  # what the gallery shows of each released face
     columns = [*GALLERY_FIELDS, "word_count", "model_id"]
     for row in column_rows(CAPTIONS_PARQUET, columns):
         models["caption"][row["model_id"]] += 1
-        if gallery_faces:
-            captioned[row["face_id"]] = {
+        if gallery_faces and row["face_id"] in released:
+            shown[row["face_id"]] = {
                 **{name: row[name] for name in GALLERY_FIELDS},
                 "labels": valid_labels.get(row["face_id"], []),
             }
@@ -188,7 +186,7 @@ def shard_stats(
             texts[kind] += 1
             sketches[kind].update(_gram_text(gram) for gram in ngrams(words(text)))
     scores, note = quality_sample(store, shard_id, released_face_ids, quality_crops)
-    gallery, thumbnails = gallery_sample(store, shard_id, captioned, gallery_faces)
+    gallery, thumbnails = gallery_sample(store, shard_id, shown, gallery_faces)
     return {
         "format": STATS_FORMAT,
         "image_min_side": histogram(image_sides, SIDE_BINS),
@@ -251,14 +249,14 @@ def quality_sample(
 
 
 def gallery_sample(
-    store: ArtifactStore, shard_id: str, captioned: dict[str, dict[str, Any]], faces: int
+    store: ArtifactStore, shard_id: str, shown: dict[str, dict[str, Any]], faces: int
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The first `faces` captioned faces in `faces.tar`: what the gallery shows of each (from
-    `captioned`, by face id), and each one's crop as a thumbnail, by face id."""
+    """The first `faces` of the faces in `shown` (what the gallery shows of each, by face id)
+    in `faces.tar` order, and each one's crop as a thumbnail, by face id."""
     gallery: list[dict[str, Any]] = []
     thumbnails: dict[str, str] = {}
-    for face_id, payload in first_crops(store, shard_id, captioned, faces):
-        gallery.append(captioned[face_id])
+    for face_id, payload in first_crops(store, shard_id, shown, faces):
+        gallery.append(shown[face_id])
         thumbnails[face_id] = thumbnail(payload)
     return gallery, thumbnails
 
@@ -288,7 +286,7 @@ def merge_stats(
     sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
     texts = Counter[str]()
     candidates: list[tuple[bytes, float]] = []
-    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_COLUMNS}
+    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_STAGES}
     gallery: list[tuple[bytes, dict[str, Any]]] = []
     released = 0
     notes: set[str] = set()
@@ -339,7 +337,6 @@ def merge_stats(
         "released": released,
         "quality_note": "; ".join(sorted(notes)),
         "models": {stage: dict(ids.most_common()) for stage, ids in models.items()},
-        "captioned": sum(sources.values()),
         "gallery_faces": [face for _, face in sorted(gallery, key=lambda c: c[0])[:gallery_faces]],
         "gallery_candidates": len(gallery),
     }
