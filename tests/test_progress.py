@@ -63,6 +63,31 @@ def test_stages_report_running_counts(tmp_path, settings, sample, sample_site):
     assert detect_live and detect_live[0].counts["images"] >= 1
 
 
+def test_a_stage_held_by_another_worker_ends_the_live_line_as_busy_not_failed(
+    tmp_path, settings, sample, sample_site
+):
+    source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
+    events: list[ProgressEvent] = []
+    with Pipeline.open(settings) as pipeline:
+        [shard_id, *_] = pipeline.select_shards([str(source)])
+        with pipeline.state.claim(shard_id, "fetch"):  # another worker holds it
+            result = run_shard(
+                settings, shard_id, ["fetch", "detect"], False, progress=events.append
+            )
+    assert result.busy and result.busy.startswith("fetch: ") and result.error is None
+    assert [(e.stage, e.status) for e in events] == [("fetch", "busy")]
+    out = io.StringIO()
+    view = TerminalProgress(out, ["fetch", "detect"])
+    view(ProgressEvent(shard_id, "fetch", {"rows": 10, "done": 1, "ok": 1}))
+    view(events[0])
+    # redrawn without its live line
+    assert out.getvalue().rsplit("shards: ", 1)[-1] == "0 done, 0 failed, 0 running\n"
+    assert (view.finished, view.failed) == (0, 0) and "failed at" not in out.getvalue()
+    lines = io.StringIO()
+    LineProgress(lines)(events[0])
+    assert lines.getvalue() == ""  # `run` says it on stderr, with what it does next
+
+
 def test_run_on_a_terminal_shows_live_progress(tmp_path, settings_env, sample, sample_site):
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
     env = {**os.environ, **settings_env, "FACECAPTION_SHARD_SIZE": "10"}
