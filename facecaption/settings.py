@@ -75,6 +75,16 @@ class FetchSettings(BaseModel):
     warn_error_rate: float = Field(
         0.5, ge=0, le=1, description="warn in the shard summary above this failure share"
     )
+    # Across runs: a row that failed transiently is fetched again by later runs (a refresh),
+    # each waiting longer, until `row_max_runs` runs have tried it; then it is `gave_up`.
+    row_max_runs: int = Field(
+        4, ge=1, description="runs that may fetch a row failing transiently; then it is gave_up"
+    )
+    row_retry_pause_s: float = Field(
+        3600.0,
+        ge=0,
+        description="wait before a later run fetches such a row again; doubles with each run",
+    )
 
     OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
         "max_bytes",

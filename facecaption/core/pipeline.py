@@ -16,7 +16,7 @@ from typing import Any
 from facecaption.core.errors import PermanentError
 from facecaption.core.fingerprints import Fingerprints
 from facecaption.core.progress import ProgressEvent, ProgressSink
-from facecaption.core.runner import RETRYABLE, StageOutcome, run_stage
+from facecaption.core.runner import StageOutcome, retry_due, run_stage
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactStore
 from facecaption.plan.planner import PlanReport, plan_sources
@@ -154,7 +154,8 @@ class Pipeline:
         pending    some stage not done yet (pending, running, failed)
         failed     some stage failed
         stale      some stage done, but its inputs, settings or model changed since
-        retryable  some stage done with work to try again (fetch rows that timed out, ...)
+        retryable  some stage done with work to try again that is due (fetch rows that timed
+                   out, ... whose pause between runs has passed)
         work       any of pending, stale or retryable: what a refresh runs
 
         At most `max_shards`, and only shards after the shard id `after` in the chosen order:
@@ -296,7 +297,7 @@ def _has_work(fingerprints: Fingerprints, shard: Shard, stage: str, status: str)
     if current != "done" or state is None:
         return False
     if status == "retryable":
-        return bool(state.counts.get(RETRYABLE, 0))
+        return retry_due(state)
     try:
         wanted = fingerprints.current(stage, shard)
     except StageInputError:

@@ -4,7 +4,8 @@ The order of events is what makes runs safe to kill and repeat:
 1. take the (shard, stage) lock, or fail with ShardBusyError (at once, or after `wait_s`);
 2. compute the fingerprint (stage version + inputs + output-affecting settings); if the stage
    is `done` with the same fingerprint and its artifacts are there at their recorded sizes,
-   do nothing (unless forced, or asked to retry the `retryable` work it reported);
+   do nothing (unless forced, or asked to retry the `retryable` work it reported and that
+   work is due: its `retry_at` has passed);
    a re-run may reuse what is final in those artifacts when its inputs are the same, apart
    from the ones decided across shards;
 3. mark a new attempt `running` (its number is the fencing token), remove the temporary
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -33,6 +35,7 @@ from facecaption.core.store import ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import ShardState
 from facecaption.state.dedup import ImageHashIndex
+from facecaption.state.retries import RowRetryLedger
 from facecaption.state.shards import StageState, worker_name
 from facecaption.state.takedowns import TakedownIndex
 
@@ -85,6 +88,13 @@ def artifacts_intact(store: ArtifactStore, shard_id: str, artifacts: dict[str, A
     )
 
 
+def retry_due(state: StageState, now: datetime | None = None) -> bool:
+    """Whether the stage left `retryable` work that is due now (its `retry_at` has passed)."""
+    if not state.counts.get(RETRYABLE, 0):
+        return False
+    return state.retry_at is None or state.retry_at <= (now or datetime.now(UTC))
+
+
 def get_stage(name: str) -> Stage:
     stages = stage_registry()
     if name not in stages:
@@ -109,7 +119,7 @@ def run_stage(
 
     `force` runs it anyway; the stage may then keep what is final in its earlier outputs
     (the fetch stage re-tries only transient failures). `retry_transient` runs it only when it
-    left `retryable` work (what a refresh does). `fresh` also ignores earlier outputs.
+    left `retryable` work that is due (what a refresh does). `fresh` also ignores earlier outputs.
     `wait_s`: how long to wait for another worker that holds this shard's stage.
     `progress` gets the stage's running counts as it goes.
     """
@@ -122,7 +132,7 @@ def run_stage(
         intact = artifacts_intact(store, shard_id, current.artifacts)
         # With retry_transient, a stage that left retryable work (fetch rows that timed out,
         # ...) is not up to date.
-        retry = retry_transient and bool(current.counts.get(RETRYABLE, 0))
+        retry = retry_transient and retry_due(current)
         up_to_date = intact and current.fingerprint == wanted and not retry
         if up_to_date and current.status == "done" and not force:
             return StageOutcome(
@@ -138,6 +148,8 @@ def run_stage(
             store=owned,
             dedup=ImageHashIndex(state.engine, (stage.name, attempt)),
             takedowns=TakedownIndex(state.engine),
+            row_retries=RowRetryLedger(state.engine),
+            forced=force,
             fingerprint=wanted,
             previous=current if reusable and not fresh else None,
             inputs=inputs,
@@ -151,7 +163,7 @@ def run_stage(
             artifacts = {name: ref.as_json() for name, ref in result.artifacts.items()}
             state.mark_done(
                 shard_id, stage.name, attempt, result.counts, artifacts, wanted, result.warnings,
-                as_recorded(inputs), stats=result.stats,
+                as_recorded(inputs), stats=result.stats, retry_at=result.retry_at,
             )  # fmt: skip
         except BaseException as error:
             _record_failure(state, shard_id, stage.name, attempt, error)

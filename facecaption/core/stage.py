@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from facecaption.core.errors import PermanentError
 from facecaption.core.store import ArtifactRef, ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import Shard, StageState
+from facecaption.state.retries import RowRetryLedger
 from facecaption.state.takedowns import TakedownIndex
 
 
@@ -74,6 +76,11 @@ class StageContext:
     inputs: dict[str, Any] = field(default_factory=dict)
     # Running counts as the stage goes (see facecaption.core.progress); call it freely.
     progress: Callable[[dict[str, int]], None] = lambda counts: None
+    # Fetch rows that failed transiently, across runs: how many runs tried each, and when the
+    # next may (see facecaption.fetch.retries).
+    row_retries: RowRetryLedger | None = None
+    # The operator asked for this run (`--force`): pauses between runs do not hold it back.
+    forced: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ class StageResult:
     # what the dataset report needs of this shard beyond counts (histograms, sketches), kept
     # with the state so the report reads no artifact (see facecaption.release.stats)
     stats: dict[str, Any] | None = None
+    # When the `retryable` work it left is due (None: at once): until then a refresh leaves
+    # the stage alone.
+    retry_at: datetime | None = None
 
 
 class Stage(Protocol):

@@ -9,7 +9,10 @@ from facecaption.core.pipeline import ShardStatusRow, status_totals
 
 # What the table shows for a done stage; the JSON view has every count.
 _HEADLINE = {
-    "fetch": lambda counts: f"{counts.get('ok', 0)}/{counts.get('rows', 0)}",
+    "fetch": lambda counts: (
+        f"{counts.get('ok', 0)}/{counts.get('rows', 0)}"
+        + (f", {counts['gave_up']} gave up" if counts.get("gave_up") else "")
+    ),
     "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
     "attribute": lambda counts: f"{counts.get('kept', 0)}/{counts.get('faces', 0)} kept",
     "caption": lambda counts: f"{counts.get('llm_captions', 0)}/{counts.get('faces', 0)} llm",
@@ -74,6 +77,8 @@ def status_json(rows: list[ShardStatusRow]) -> dict[str, Any]:
                         "artifacts": state.artifacts,
                         "last_error": state.last_error,
                         "fingerprint": state.fingerprint,
+                        # when its retryable work is due (None: at once, or there is none)
+                        "retry_at": state.retry_at.isoformat() if state.retry_at else None,
                     }
                     for name, state in row.stages.items()
                 },

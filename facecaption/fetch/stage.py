@@ -7,14 +7,17 @@ outcomes `opted_out`, `robots_disallowed`, `blocked_address`,
 `taken_down` (the URL or the image's sha256 is under a takedown request); and
 the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_unavailable`,
 `too_large`, `not_an_image`, `unsupported_format`, `decode_error`, `invalid_url`,
-`invalid_redirect`, `invalid_response` and `source_error` (the source file's row group could not
-be read). A bad URL, server or source cell is a row status, never a shard failure: every url
-cell is checked (`parse_url`) before anything else sees it, the takedown lookup in Postgres
+`invalid_redirect`, `invalid_response`, `source_error` (the source file's row group could not
+be read) and `gave_up` (a transient failure in every run its budget allowed, see `retries`).
+A bad URL, server or source cell is a row status, never a shard failure: every url cell is
+checked (`parse_url`) before anything else sees it, the takedown lookup in Postgres
 included. Bytes are stored exactly as downloaded (native resolution, no re-encode). Both
 files are in source row order; the parquet is published last.
 
 A forced re-run over outputs made with the same settings keeps every row whose status is final
-(and its bytes) and fetches again only the transient failures (see `retry_later`). The same
+(and its bytes) and fetches again only the transient failures (see `retry_later`) whose pause
+between runs has passed (a forced run does not wait), until their budget of runs is spent
+(`retries`: which rows wait, and until when, is kept in the state DB). The same
 holds for a re-run because the owner of one of its images changed (the fingerprint covers the
 shard's `dedup_epoch`): rows are marked again, and a duplicate row that now owns bytes this
 shard does not have is fetched again.
@@ -29,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +48,7 @@ from facecaption.core.artifacts import (
 from facecaption.core.imaging import EXTENSIONS, check_image
 from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageResult
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
+from facecaption.fetch.retries import next_due, pausing_rows, settle
 from facecaption.fetch.web.downloader import Downloader, retry_later
 from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
 from facecaption.plan.sources import (
@@ -158,9 +163,17 @@ class FetchStage:
         parquet_path = store.shard_path(shard.shard_id, FETCH_PARQUET)
         rows = list(shard_rows(shard))
         urls, refused = check_rows(rows, limits)
+        now = datetime.now(UTC)
+        # rows that failed transiently before: runs used, and when each is due again
+        ledger = (
+            context.row_retries.rows(shard.shard_id)
+            if context.previous and context.row_retries is not None
+            else {}
+        )
+        pausing = pausing_rows(ledger, now, context.forced)
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
-                reused = self._keep_final_rows(context, spool) if context.previous else {}
+                reused = self._keep_final_rows(context, spool, pausing) if context.previous else {}
                 taken_down = skip_taken_down_urls(rows, urls, context.takedowns)
                 kept = reused | refused | taken_down
                 to_fetch = [(row, urls[row.row]) for row in rows if row.row not in kept]
@@ -176,6 +189,7 @@ class FetchStage:
                 fetched = asyncio.run(fetch_rows(to_fetch, limits, spool, report))
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
+                waiting = settle(records, set(fetched), ledger, limits, now)
                 drop_taken_down_images(records, context.takedowns)
                 share_bytes(records, spool)
                 mark_duplicates(records, shard.shard_id, context.dedup)
@@ -184,6 +198,8 @@ class FetchStage:
         with store.publish(parquet_path) as tmp_parquet:
             write_parquet(records, FETCH_SCHEMA, tmp_parquet)
             parquet_ref = store.describe(parquet_path, tmp_parquet)
+        if context.row_retries is not None:  # what the published rows leave to later runs
+            context.row_retries.replace(shard.shard_id, waiting)
         if context.takedowns is not None:  # takedowns are matched against this index
             images = kept_images(records)
             context.takedowns.index_fetched(shard.shard_id, parquet_ref.sha256, images)
@@ -200,17 +216,21 @@ class FetchStage:
             },
             artifacts={FETCH_TAR: tar_ref, FETCH_PARQUET: parquet_ref},
             warnings=error_rate_warnings(statuses, limits.warn_error_rate),
+            retry_at=next_due(waiting),
         )
 
     @staticmethod
-    def _keep_final_rows(context: StageContext, spool: Spool) -> dict[int, dict[str, Any]]:
-        """Rows of the previous outputs whose status is final, their bytes into the spool."""
+    def _keep_final_rows(
+        context: StageContext, spool: Spool, pausing: set[int]
+    ) -> dict[int, dict[str, Any]]:
+        """Rows of the previous outputs whose status is final, their bytes into the spool, and
+        the `pausing` ones (failed transiently, not due yet) as they are."""
         store, shard_id = context.store, context.shard.shard_id
         previous = store.read_table(store.shard_path(shard_id, FETCH_PARQUET)).to_pylist()
         kept = {
             record["row"]: record
             for record in previous
-            if not retry_later(record["status"], record["http_status"])
+            if not retry_later(record["status"], record["http_status"]) or record["row"] in pausing
         }
         with store.open(store.shard_path(shard_id, FETCH_TAR)) as handle:
             for key, ext, payload in iter_webdataset(handle):

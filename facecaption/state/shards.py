@@ -114,6 +114,8 @@ class StageState:
     warnings: list[str] = field(default_factory=list)
     # what the fingerprint covers, as recorded at `done` (None for rows from before 0005)
     inputs: dict[str, Any] | None = None
+    # when the `retryable` work it left is due (None: at once; see 0006)
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,7 @@ class ShardState:
         rows = self._stage_rows(
             "shard_id, stage, status, attempt, worker, started_at, finished_at, counts::text"
             f" AS counts, {artifacts_column} AS artifacts, last_error, fingerprint,"
-            " warnings::text AS warnings",
+            " warnings::text AS warnings, retry_at",
             shard_ids,
         )
         loads = _decode_json
@@ -385,6 +387,7 @@ class ShardState:
                 row.last_error,
                 row.fingerprint,
                 [] if row.warnings == "[]" else loads(row.warnings),
+                retry_at=row.retry_at,
             )
             for row in rows
         ]
@@ -393,13 +396,14 @@ class ShardState:
         self, shard_ids: Sequence[str] | None = None, input_keys: Sequence[str] = ()
     ) -> list[StageState]:
         """The stage rows as work selection reads them: status, attempt, fingerprint,
-        artifacts, of the counts only `retryable` (what selection looks at), and of the
+        artifacts, of the counts only `retryable` (what selection looks at, with `retry_at`,
+        when that work is due), and of the
         inputs each ran on only `input_keys` (the input stages a fingerprint checks them
         against; None for rows from before inputs were recorded)."""
         rows = self._stage_rows(
             "shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
             " CASE WHEN jsonb_typeof(counts -> 'retryable') = 'number'"
-            " THEN (counts ->> 'retryable')::numeric END AS retryable,"
+            " THEN (counts ->> 'retryable')::numeric END AS retryable, retry_at,"
             " CASE WHEN inputs IS NOT NULL THEN COALESCE((SELECT jsonb_object_agg(i.key,"
             " i.value) FROM jsonb_each(inputs) i WHERE i.key = ANY(CAST(:keys AS text[]))),"
             " '{}')::text END AS inputs",
@@ -416,6 +420,7 @@ class ShardState:
                 artifacts=_decode_json(row.artifacts),
                 fingerprint=row.fingerprint,
                 inputs=None if row.inputs is None else _decode_json(row.inputs),
+                retry_at=row.retry_at,
             )
             for row in rows
         ]
@@ -569,10 +574,11 @@ class ShardState:
         warnings: list[str] | None = None,
         inputs: dict[str, Any] | None = None,
         stats: dict[str, Any] | None = None,
+        retry_at: datetime | None = None,
     ) -> None:
         """Finish `attempt` as done with its outputs; AttemptTakenOverError when it is no
         longer current. `stats` (report statistics) are kept in `stage_stats`, not in the
-        history."""
+        history; `retry_at` is when the `retryable` work it left is due (None: at once)."""
         self._finish(
             shard_id,
             stage,
@@ -584,6 +590,7 @@ class ShardState:
             warnings=warnings or [],
             inputs=inputs,
             stats=stats,
+            retry_at=retry_at,
         )
 
     def mark_failed(self, shard_id: str, stage: str, attempt: int, error: str) -> None:
@@ -610,6 +617,7 @@ class ShardState:
         warnings: list[str] | None = None,
         inputs: dict[str, Any] | None = None,
         stats: dict[str, Any] | None = None,
+        retry_at: datetime | None = None,
     ) -> None:
         with self.engine.begin() as conn:
             started = conn.execute(
@@ -619,7 +627,10 @@ class ShardState:
                     " artifacts = COALESCE(CAST(:a AS jsonb), artifacts),"
                     " fingerprint = COALESCE(:f, fingerprint), last_error = :e,"
                     " warnings = COALESCE(CAST(:w AS jsonb), warnings),"
-                    " inputs = COALESCE(CAST(:i AS jsonb), inputs), updated_at = now()"
+                    " inputs = COALESCE(CAST(:i AS jsonb), inputs),"
+                    " retry_at = CASE WHEN CAST(:st AS text) = 'done' THEN CAST(:r AS timestamptz)"
+                    " ELSE retry_at END,"
+                    " updated_at = now()"
                     " WHERE shard_id = :s AND stage = :t AND attempt = :n AND status = 'running'"
                     " RETURNING worker, started_at, finished_at"
                 ),
@@ -631,6 +642,7 @@ class ShardState:
                     "e": error,
                     "w": json.dumps(warnings) if warnings is not None else None,
                     "i": json.dumps(inputs) if inputs is not None else None,
+                    "r": retry_at,
                     "s": shard_id,
                     "t": stage,
                     "n": attempt,
