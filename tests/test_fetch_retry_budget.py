@@ -15,7 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
+from conftest import REPO
 from PIL import Image
+from support.processes import settings_environment
 from support.sampledata import encode
 from support.samplesite import Route, SampleSite
 
@@ -47,6 +49,15 @@ def budget_settings(settings: Settings) -> Settings:
         update={"row_retry_pause_s": PAUSE_S, "row_max_runs": MAX_RUNS}
     )
     return settings.model_copy(update={"fetch": fetch})
+
+
+@pytest.fixture(scope="module")
+def refresh_dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.get_dag("facecaption_refresh")
 
 
 def plan(pipeline: Pipeline, tmp_path, site: SampleSite) -> str:
@@ -226,3 +237,35 @@ def test_settings_bound_the_budget():
         Settings(fetch={"row_max_runs": 0})
     with pytest.raises(ValueError):
         Settings(fetch={"row_retry_pause_s": -1})
+
+
+def mapped_shards(run) -> list[str]:
+    """The shards a DAG run mapped its fetch task over."""
+    return [
+        ti.rendered_map_index
+        for ti in run.get_task_instances()
+        if ti.task_id == "process_shard.fetch" and ti.map_index >= 0
+    ]
+
+
+@pytest.mark.slow
+def test_the_refresh_dag_maps_no_shard_until_a_pause_has_passed(
+    tmp_path, budget_settings, site, refresh_dag, monkeypatch
+):
+    with Pipeline.open(budget_settings) as pipeline:
+        shard_id = plan(pipeline, tmp_path, site)
+        for stage in pipeline.stage_names:
+            pipeline.run(stage, shard_id)
+    for name, value in settings_environment(budget_settings).items():
+        monkeypatch.setenv(name, value)
+
+    idle = refresh_dag.test()
+    assert idle.state == "success" and mapped_shards(idle) == []
+
+    with Pipeline.open(budget_settings) as pipeline:
+        time_passes(pipeline, shard_id, timedelta(seconds=PAUSE_S + 60))
+    due = refresh_dag.test()
+    assert due.state == "success" and mapped_shards(due) == [shard_id]
+    with Pipeline.open(budget_settings) as pipeline:
+        fetch = pipeline.state.get_stage(shard_id, "fetch")
+    assert (fetch.attempt, fetch.counts["fetched"], fetch.counts["retryable"]) == (2, 2, 2)
