@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-transient",
         action="store_true",
-        help="also run done stages that left retryable work (fetch rows that failed transiently)",
+        help="also run done stages that left retryable work that is due (fetch rows that failed"
+        " transiently, once their pause between runs has passed)",
     )
     run.add_argument(
         "--jobs", type=int, default=1, help="shards run at once, one process each (e.g. cores)"
