@@ -15,7 +15,9 @@ The order of events is what makes runs safe to kill and repeat:
 5. only then mark the attempt `done` with counts, warnings, artifact checksums, the
    fingerprint and its inputs, which from then on describe the artifacts.
 An exception marks the attempt `failed` with its message and is raised again; an attempt that
-was taken over records its failure in the history and leaves the current row alone.
+was taken over records its failure in the history and leaves the current row alone. One raised
+in step 2 (an input stage not done, a model not installed) starts no attempt: it is kept as the
+row's last error (`record_refusal`), so the shard view can say why the stage did not run.
 """
 
 from __future__ import annotations
@@ -127,7 +129,12 @@ def run_stage(
     shard = state.get_shard(shard_id)
     with state.claim(shard_id, stage.name, wait_s=wait_s):
         current = state.get_stage(shard_id, stage.name)
-        inputs = current_inputs(stage, shard, settings, LiveStageInputs(state))
+        try:
+            inputs = current_inputs(stage, shard, settings, LiveStageInputs(state))
+        except Exception as error:
+            # No attempt starts, so nothing else would tell the shard view why.
+            _record_refusal(state, shard_id, stage.name, error)
+            raise
         wanted = fingerprint(stage, inputs)
         intact = artifacts_intact(store, shard_id, current.artifacts)
         # With retry_transient, a stage that left retryable work (fetch rows that timed out,
@@ -171,6 +178,14 @@ def run_stage(
         return StageOutcome(
             shard_id, stage.name, "done", attempt, result.counts, artifacts, result.warnings
         )
+
+
+def _record_refusal(state: ShardState, shard_id: str, stage: str, error: Exception) -> None:
+    """Record why the stage did not start (see `_record_failure` for a state DB away)."""
+    try:
+        state.record_refusal(shard_id, stage, f"{type(error).__name__}: {error}")
+    except sa.exc.DBAPIError as unrecorded:
+        error.add_note(f"(not recorded in the state DB: {type(unrecorded).__name__})")
 
 
 def _record_failure(

@@ -1,11 +1,17 @@
 """Human and machine-readable views of shard state: the `status` table and its JSON, shared by
-the CLI, the demo and the Airflow summary task."""
+the CLI, the demo and the Airflow summary task; and what the shard view marks on a stage
+besides its status (its warnings, a fetch whose every row failed, a refusal, staleness)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from facecaption.core.pipeline import ShardStatusRow, status_totals
+from facecaption.core.artifacts import FETCH_KEPT, FETCH_POLICY
+from facecaption.core.errors import PermanentError
+from facecaption.core.fingerprints import Fingerprints
+from facecaption.core.pipeline import Pipeline, ShardStatusRow, status_totals
+from facecaption.core.stage import StageInputError, stage_registry
+from facecaption.state.shards import REFUSED, StageState
 
 # What the table shows for a done stage; the JSON view has every count.
 _HEADLINE = {
@@ -86,3 +92,65 @@ def status_json(rows: list[ShardStatusRow]) -> dict[str, Any]:
             for row in rows
         ],
     }
+
+
+def stage_alerts(stage: str, state: StageState) -> list[str]:
+    """What a stage's status alone hides: the warnings its last run recorded, that every row
+    of a done fetch failed (said even where the error-rate warning is turned off), and why a
+    run was refused before it started."""
+    alerts = list(state.warnings) if state.status == "done" else []
+    if state.status == "done" and stage == "fetch" and every_row_failed(state.counts):
+        if not any("100%" in warning for warning in alerts):
+            alerts.append(f"every row failed ({state.counts.get('rows', 0)} rows)")
+    if state.last_error and state.last_error.startswith(REFUSED):
+        alerts.append(state.last_error)
+    return alerts
+
+
+def every_row_failed(counts: dict[str, Any]) -> bool:
+    """A fetch's counts: it had rows, and none was kept or left out by policy."""
+    rows = counts.get("rows", 0)
+    settled = sum(counts.get(status, 0) for status in FETCH_KEPT | FETCH_POLICY)
+    return isinstance(rows, int) and rows > 0 and settled == 0
+
+
+def stage_tone(stage: str, state: StageState) -> str:
+    """How a stage reads at a glance: `failed` for a failed stage and for a done fetch whose
+    every row failed, `warning` for a done stage with warnings, else its status."""
+    if state.status == "done" and stage == "fetch" and every_row_failed(state.counts):
+        return "failed"
+    if state.status == "done" and state.warnings:
+        return "warning"
+    return state.status
+
+
+def stale_stages(pipeline: Pipeline, shard_ids: list[str]) -> dict[tuple[str, str], str]:
+    """(shard id, stage) -> why, for the done stages of `shard_ids` whose recorded fingerprint
+    is not what they would have now (their inputs, settings or model changed): `stale`, or
+    what kept a stage's current fingerprint from being worked out (a model not installed).
+    Four queries, whatever the number of shards."""
+    if not shard_ids:
+        return {}
+    stages = stage_registry()
+    fingerprints = Fingerprints.prefetch(pipeline.settings, pipeline.state, stages, shard_ids)
+    stale: dict[tuple[str, str], str] = {}
+    unknown: dict[str, str] = {}  # stage -> why its settings part cannot be worked out
+    for shard in pipeline.state.list_shards(shard_ids=shard_ids):
+        for name in stages:
+            state = fingerprints.inputs.find(shard.shard_id, name)
+            if state is None or state.status != "done":
+                continue
+            if name in unknown:
+                stale[(shard.shard_id, name)] = unknown[name]
+                continue
+            try:
+                current = fingerprints.current(name, shard)
+            except StageInputError:
+                continue  # its input is not done: the earlier stage is the one to redo
+            except PermanentError as error:
+                unknown[name] = f"cannot tell if stale: {error}"
+                stale[(shard.shard_id, name)] = unknown[name]
+                continue
+            if current != state.fingerprint:
+                stale[(shard.shard_id, name)] = "stale"
+    return stale

@@ -140,6 +140,9 @@ def advisory_key(*parts: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# How a refusal (a run stopped before it started an attempt) begins in `last_error`.
+REFUSED = "refused before starting: "
+
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock wait that ran past lock_timeout
 
 
@@ -602,6 +605,23 @@ class ShardState:
             with self.engine.begin() as conn:
                 self._event(conn, shard_id, stage, attempt, "failed", worker=worker_name(),
                             error=error)  # fmt: skip
+
+    def record_refusal(self, shard_id: str, stage: str, error: str) -> None:
+        """Record why a run of (shard, stage) stopped before it started an attempt (its input
+        stage not done, a model not installed, ...) as the row's last error, prefixed with
+        REFUSED; its status and attempt stay as they are (a stage never run gets a pending
+        row). Call only while holding `claim`. The history keeps attempts only, so a refusal
+        is not an event."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO shard_stages (shard_id, stage, status, attempt, last_error,"
+                    " updated_at) VALUES (:s, :t, 'pending', 0, :e, now())"
+                    " ON CONFLICT (shard_id, stage) DO UPDATE SET last_error = :e,"
+                    " updated_at = now() WHERE shard_stages.status <> 'running'"
+                ),
+                {"s": shard_id, "t": stage, "e": f"{REFUSED}{error}"},
+            )
 
     def _finish(
         self,

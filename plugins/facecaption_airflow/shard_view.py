@@ -1,168 +1,99 @@
-"""The shard view: a FastAPI app the facecaption plugin mounts under Airflow's api-server.
+"""The shard view: a FastAPI app the facecaption plugin mounts under Airflow's api-server
+(URL_PREFIX), shown inside Airflow's UI navigation.
 
-Its pages read shard state from the facecaption state DB (never Airflow's): every shard x
-stage with status, headline counts, attempt and last error, filtered by status, stage and
-shard id, and one shard's attempt history with a form that re-runs chosen stages through
-Airflow's REST API."""
+Every request needs an Airflow user (the UI's `_token` session cookie, or a bearer token)
+who may read the build DAG's task instances, checked by Airflow's own auth manager as
+Airflow's routes do; anyone else is refused (401 without a valid token, 403 without the
+permission). Its pages read shard state from the facecaption state DB, and from Airflow's
+metadata only the task instances of the shards they show (`airflow_tasks`): a page of shards
+x stages (status, counts, warnings, stale markers, errors, links to each stage's run, task
+instance and log) and one shard's attempt history with a re-run form (`shard_pages`). The
+queries per request do not grow with the shards."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.common.db.common import SessionDep
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 
-from facecaption.core.pipeline import ShardStatusRow
-from facecaption.core.status import cell_text
+from facecaption_airflow.airflow_tasks import latest_stage_tasks
+from facecaption_airflow.shard_pages import BUILD_DAG_ID, history_html, status_html
 
-_STATUS_COLOURS = {"done": "#1a7f37", "failed": "#cf222e", "running": "#9a6700",
-                   "pending": "#57606a"}  # fmt: skip
+URL_PREFIX = "/facecaption"  # where the plugin mounts the app
+PAGE_SIZE = 100  # shards per page of the shard view
+# The DAGs that run the per-shard task group: their task instances are the stages' links.
+SHARD_DAG_IDS = (BUILD_DAG_ID, "facecaption_refresh", "facecaption_takedown")
+
+# Airflow's check for its own task-instance routes, here for the build DAG: reading shard
+# state is reading what that DAG's tasks did.
+CanReadShards = Depends(
+    requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE, param_dag_id=BUILD_DAG_ID)
+)
 
 
-def status_html(
-    rows: list[ShardStatusRow], *, status: str = "", stage: str = "", query: str = ""
-) -> str:
-    """The shard view: shards x stages with status, counts, attempt and last error, filtered
-    by a stage's status and a shard-id substring; each shard links to its history."""
-    from html import escape
+def ui_base(request: Request) -> str:
+    """The path Airflow's UI and API are served under (empty at the root): the app's mount
+    point without URL_PREFIX."""
+    return request.scope.get("root_path", "").removesuffix(URL_PREFIX)
 
-    stages = list(rows[0].stages) if rows else []
-    shown = [
-        row for row in rows
-        if query in row.shard_id
-        and (not status or any(
-            state.status == status for name, state in row.stages.items()
-            if not stage or name == stage
-        ))
-    ]  # fmt: skip
-    options = "".join(
-        f'<option value="{s}"{" selected" if s == status else ""}>{s or "any status"}</option>'
-        for s in ("", *_STATUS_COLOURS)
-    )
-    stage_options = "".join(
-        f'<option value="{s}"{" selected" if s == stage else ""}>{s or "any stage"}</option>'
-        for s in ("", *stages)
-    )
-    header = "".join(f"<th>{escape(name)}</th>" for name in stages)
-    body = []
-    for row in shown:
-        cells = []
-        for name, state in row.stages.items():
-            colour = _STATUS_COLOURS.get(state.status, "#57606a")
-            title = escape(
-                state.last_error or ", ".join(f"{k} {v}" for k, v in state.counts.items())
-            )
-            cells.append(
-                f'<td title="{title}"><span class="status" style="color:{colour}">'
-                f"{escape(cell_text(name, state.status, state.counts))}</span>"
-                f"<br><small>attempt {state.attempt}</small></td>"
-            )
-        body.append(
-            f'<tr data-shard="{escape(row.shard_id)}"><td><a href="shards/{escape(row.shard_id)}">'
-            f"{escape(row.shard_id)}</a></td><td>{escape(row.source)}</td><td>{row.rows}</td>"
-            + "".join(cells)
-            + "</tr>"
+
+def readable_dag_ids(user: object) -> set[str]:
+    """Of SHARD_DAG_IDS, those whose task instances the user may read."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+    manager = get_auth_manager()
+    return {
+        dag_id
+        for dag_id in SHARD_DAG_IDS
+        if manager.is_authorized_dag(
+            method="GET",
+            access_entity=DagAccessEntity.TASK_INSTANCE,
+            details=DagDetails(id=dag_id),
+            user=user,
         )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>facecaption shards</title>"
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:left}</style></head><body>"
-        f"<h1>facecaption shards</h1><p>{len(shown)} of {len(rows)} shards</p>"
-        f'<form method="get"><select name="stage">{stage_options}</select>'
-        f'<select name="status">{options}</select>'
-        f'<input name="q" value="{escape(query)}" placeholder="shard id contains">'
-        '<button type="submit">filter</button></form>'
-        f"<table><thead><tr><th>shard</th><th>source</th><th>rows</th>{header}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table></body></html>"
-    )
-
-
-RERUN_SCRIPT = """
-document.getElementById('rerun').addEventListener('submit', async (event) => {
-  event.preventDefault();
-  const form = event.target;
-  const out = document.getElementById('rerun-result');
-  const conf = {
-    shard_ids: [form.dataset.shard],
-    stages: [...form.querySelectorAll('input[name=stage]:checked')].map((box) => box.value),
-    force: form.querySelector('input[name=force]').checked,
-  };
-  out.textContent = 'triggering...';
-  try {
-    const response = await fetch(form.action, {
-      method: 'POST', credentials: 'same-origin',
-      headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({logical_date: null, conf: conf}),
-    });
-    const body = await response.json().catch(() => ({}));
-    if (!response.ok) {
-      const detail = JSON.stringify(body.detail || body);
-      out.textContent = 'Airflow said ' + response.status + ': ' + detail;
-      return;
     }
-    out.innerHTML = '';
-    const link = document.createElement('a');
-    link.href = '/dags/facecaption_build/runs/' + encodeURIComponent(body.dag_run_id);
-    link.textContent = 'started run ' + body.dag_run_id;
-    out.appendChild(link);
-  } catch (error) {
-    out.textContent = 'could not reach the Airflow API: ' + error;
-  }
-});
-"""
-BUILD_RUNS_API = "/api/v2/dags/facecaption_build/dagRuns"
-
-
-def rerun_conf(shard_id: str, stages: list[str]) -> dict[str, Any]:
-    """The build DAG conf that re-runs one shard's stages."""
-    return {"shard_ids": [shard_id], "stages": stages, "force": True}
-
-
-def history_html(shard_id: str, events: list[dict[str, Any]], stages: list[str]) -> str:
-    """One shard's attempt history, newest first, and a form that re-runs chosen stages of it
-    through Airflow's REST API as the signed-in user (the UI session cookie)."""
-    from html import escape
-
-    rows = "".join(
-        f"<tr><td>{escape(str(e['at']))}</td><td>{escape(e['stage'])}</td><td>{e['attempt']}"
-        f"</td><td>{escape(e['event'])}</td><td>{escape(e['worker'] or '')}</td>"
-        f"<td>{escape(e['error'] or '')}</td></tr>"
-        for e in sorted(events, key=lambda e: e["event_id"], reverse=True)
-    )
-    boxes = "".join(
-        f'<label><input type="checkbox" name="stage" value="{escape(stage)}" checked>'
-        f" {escape(stage)}</label> "
-        for stage in stages
-    )
-    conf = json.dumps({"logical_date": None, "conf": rerun_conf(shard_id, stages)})
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{escape(shard_id)}</title></head><body><h1>{escape(shard_id)}</h1>"
-        f'<h2>Re-run this shard</h2><form id="rerun" method="post" action="{BUILD_RUNS_API}"'
-        f' data-shard="{escape(shard_id)}">{boxes}<label><input type="checkbox" name="force"'
-        ' checked> force</label> <button type="submit">Re-run</button>'
-        ' <span id="rerun-result"></span></form>'
-        f"<p>The same from a shell: <code>POST {BUILD_RUNS_API}</code> with"
-        f" <code>{escape(conf)}</code>.</p>"
-        "<h2>History</h2><table><thead><tr><th>at</th><th>stage</th><th>attempt</th>"
-        f"<th>event</th><th>worker</th><th>error</th></tr></thead><tbody>{rows}</tbody></table>"
-        f"<script>{RERUN_SCRIPT}</script></body></html>"
-    )
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="facecaption shards")
+    app = FastAPI(title="facecaption shards", dependencies=[CanReadShards])
 
     @app.get("/shards", response_class=HTMLResponse)
-    def shards(status: str = "", stage: str = "", q: str = "") -> str:
+    def shards(
+        request: Request,
+        user: GetUserDep,
+        session: SessionDep,
+        status: str = "",
+        stage: str = "",
+        q: str = "",
+        page: Annotated[int, Query(ge=0)] = 0,
+    ) -> str:
         from facecaption.core.pipeline import Pipeline
+        from facecaption.core.status import stale_stages
 
         with Pipeline.open() as pipeline:
-            return status_html(pipeline.status(), status=status, stage=stage, query=q)
+            try:
+                view = pipeline.status_page(
+                    status=status, stage=stage, contains=q, limit=PAGE_SIZE,
+                    offset=page * PAGE_SIZE, artifacts=False,
+                )  # fmt: skip
+            except ValueError as error:  # an unknown status or stage in the query
+                raise HTTPException(status_code=400, detail=str(error)) from error
+            shard_ids = [row.shard_id for row in view.rows]
+            stale = stale_stages(pipeline, shard_ids)
+            stages = pipeline.stage_names
+        tasks = latest_stage_tasks(session, readable_dag_ids(user), shard_ids)
+        return status_html(
+            view, stale=stale, tasks=tasks, stages=stages, ui_base=ui_base(request),
+            status=status, stage=stage, query=q, page_number=page, page_size=PAGE_SIZE,
+        )  # fmt: skip
 
     @app.get("/shards/{shard_id}", response_class=HTMLResponse)
-    def shard(shard_id: str) -> str:
+    def shard(shard_id: str, request: Request, user: GetUserDep, session: SessionDep) -> str:
         from facecaption.core.pipeline import Pipeline
         from facecaption.state import UnknownShardError
 
@@ -171,6 +102,9 @@ def create_app() -> FastAPI:
                 pipeline.state.get_shard(shard_id)
             except UnknownShardError as error:
                 raise HTTPException(status_code=404, detail=str(error)) from error
-            return history_html(shard_id, pipeline.state.events(shard_id), pipeline.stage_names)
+            events = pipeline.state.events(shard_id)
+            stages = pipeline.stage_names
+        tasks = latest_stage_tasks(session, readable_dag_ids(user), [shard_id])
+        return history_html(shard_id, events, stages, ui_base=ui_base(request), tasks=tasks)
 
     return app
