@@ -384,6 +384,9 @@ def test_build_and_per_shard_rerun_through_the_rest_api(
         page = api.get("/facecaption/shards")
         assert page.status_code == 200, page.text
         assert all(shard_id in page.text for shard_id in shard_ids)
+        assert 'data-link="log"' in page.text  # each stage links to its task instance's log
+        anonymous = httpx.get(f"{cluster.base_url}/facecaption/shards", timeout=30)
+        assert anonymous.status_code == 401  # no Airflow session, no shard view
 
         # 2. Backfill one shard (the first: it has the photos): two stages, forced.
         target = shard_ids[0]
@@ -413,7 +416,8 @@ def test_build_and_per_shard_rerun_through_the_rest_api(
         _all_succeeded(tis)
 
         # 3. The shard view's Re-run button, in Chromium, signed in with the UI's session
-        # cookie: only `attribute` of the target shard, forced.
+        # cookie: only `attribute` of the target shard, forced (ticked), the release not
+        # published (the form's default).
         token = api.headers["Authorization"].removeprefix("Bearer ")
         with browser() as chromium:
             context = chromium.new_context()
@@ -424,6 +428,7 @@ def test_build_and_per_shard_rerun_through_the_rest_api(
             for box in page.locator("form#rerun input[name=stage]").all():
                 if box.get_attribute("value") != "attribute":
                     box.uncheck()
+            page.locator("form#rerun input[name=force]").check()  # off by default
             page.locator("form#rerun button").click()
             page.wait_for_selector("#rerun-result a", timeout=30_000)
             started = page.locator("#rerun-result a").inner_text()
@@ -431,7 +436,12 @@ def test_build_and_per_shard_rerun_through_the_rest_api(
         button_run = started.removeprefix("started run ")
         _wait_for_run(api, cluster, button_run)
         conf = _ok(api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{button_run}"))["conf"]
-        assert conf == {"shard_ids": [target], "stages": ["attribute"], "force": True}
+        assert conf == {
+            "shard_ids": [target],
+            "stages": ["attribute"],
+            "force": True,
+            "publish": False,
+        }
         third = _state_db(settings.db_url)
         for key, attempt in second["attempt"].items():
             expected = attempt + 1 if key == (target, "attribute") else attempt

@@ -1,7 +1,7 @@
 """At LAION-Face scale (5,000 shards, 25,000 stage rows) a request must not cost a query per
-shard: selection, status (CLI and the shard view's data), the report's collection and
-takedown matching issue the same number of queries over 20 shards as over 2. The state is
-synthetic (tests/support/scale.py), written straight into the test's database."""
+shard: selection, status (CLI and the shard view's data and stale markers), the report's
+collection and takedown matching issue the same number of queries over 20 shards as over 2.
+The state is synthetic (tests/support/scale.py), written straight into the test's database."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from facecaption.cli import main
 from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current_fingerprint
 from facecaption.core.pipeline import Pipeline, chunked, status_totals
 from facecaption.core.stage import StageInputError, stage_registry
+from facecaption.core.status import stale_stages
 from facecaption.release.report import collect
 from facecaption.release.takedowns import match_pending_takedowns, request_takedown
 
@@ -36,6 +37,9 @@ def requests(pipeline: Pipeline, ids: list[str]) -> dict[str, Callable[[], Any]]
         "status": lambda: pipeline.status(),
         "status of shard ids": lambda: pipeline.status(ids),
         "status page": lambda: pipeline.status_page(status="done", stage="caption", limit=10),
+        "shard view page": lambda: stale_stages(
+            pipeline, [row.shard_id for row in pipeline.status_page(limit=100).rows]
+        ),
         "report collection": lambda: collect(pipeline),
         "takedown matching": lambda: match_pending_takedowns(pipeline),
     }
@@ -86,12 +90,14 @@ def test_synthetic_state_is_current_so_selection_checks_every_fingerprint(cli_se
         assert [row.shard_id for row in page.rows] == pipeline.select_work().shard_ids[5:10]
         assert (page.matched, page.registered) == (20, 20)
         assert page.totals == status_totals(pipeline.status())
+        assert stale_stages(pipeline, ids) == {}  # the shard view marks nothing stale
     stricter = settings.model_copy(
         update={"caption": settings.caption.model_copy(update={"seed": 1})}
     )
     with Pipeline.open(stricter) as pipeline:
         stale = pipeline.select_work(status="stale", stages=["caption"]).shard_ids
         assert len(stale) == 20
+        assert stale_stages(pipeline, ids) == {(shard_id, "caption"): "stale" for shard_id in ids}
         # a run too large for one Airflow mapping goes chunk by chunk, each after the last
         first = pipeline.select_work(status="stale", max_shards=8).shard_ids
         second = pipeline.select_work(status="stale", max_shards=8, after=first[-1]).shard_ids

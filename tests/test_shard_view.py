@@ -232,7 +232,7 @@ def test_shard_view_renders_in_chromium_inside_airflow_ui_frame(served, browser,
         page.goto(f"{base}/host")
         frame = page.frame_locator("#view")
         frame.locator("tr[data-shard]").first.wait_for()
-        rows = frame.locator("tr[data-shard]").evaluate_all("rows => rows.map(r => r.dataset.shard)")
+        rows = frame.locator("tr[data-shard]").evaluate_all("rs => rs.map(r => r.dataset.shard)")
         dark = frame.locator("html").evaluate("html => html.classList.contains('dark')")
         background = frame.locator("body").evaluate("b => getComputedStyle(b).backgroundColor")
         dead = frame.locator(f"tr[data-shard='{dead_shard}'] td[data-stage=fetch] .status")
@@ -247,7 +247,7 @@ def test_shard_view_renders_in_chromium_inside_airflow_ui_frame(served, browser,
         )
         frame.locator("form#rerun").evaluate(
             "form => form.insertAdjacentHTML('beforeend',"
-            " '<a id=\"out\" data-ui href=\"/dags/facecaption_build/runs/r1\">run</a>')"
+            ' \'<a id="out" data-ui href="/dags/facecaption_build/runs/r1">run</a>\')'
         )
         with page.expect_navigation():
             frame.locator("#out").click()

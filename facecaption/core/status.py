@@ -99,9 +99,9 @@ def stage_alerts(stage: str, state: StageState) -> list[str]:
     of a done fetch failed (said even where the error-rate warning is turned off), and why a
     run was refused before it started."""
     alerts = list(state.warnings) if state.status == "done" else []
-    if state.status == "done" and stage == "fetch" and every_row_failed(state.counts):
-        if not any("100%" in warning for warning in alerts):
-            alerts.append(f"every row failed ({state.counts.get('rows', 0)} rows)")
+    said = any("100%" in warning for warning in alerts)
+    if state.status == "done" and stage == "fetch" and every_row_failed(state.counts) and not said:
+        alerts.append(f"every row failed ({state.counts.get('rows', 0)} rows)")
     if state.last_error and state.last_error.startswith(REFUSED):
         alerts.append(state.last_error)
     return alerts

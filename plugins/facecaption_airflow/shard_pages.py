@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from facecaption.core.pipeline import StatusPage
 from facecaption.core.status import cell_text, stage_alerts, stage_tone
-from facecaption.state.shards import STATUSES, REFUSED
+from facecaption.state.shards import REFUSED, STATUSES
 from facecaption_airflow.airflow_tasks import TASK_FAILED_STATES, StageTask
 
 BUILD_DAG_ID = "facecaption_build"
@@ -196,9 +196,7 @@ def _stage_cell(
     ui_base: str,
 ) -> str:
     tone = stage_tone(name, state)
-    parts = [
-        f'<span class="status">{escape(cell_text(name, state.status, state.counts))}</span>'
-    ]
+    parts = [f'<span class="status">{escape(cell_text(name, state.status, state.counts))}</span>']
     if stale:
         title = "" if stale == "stale" else f' title="{escape(stale)}"'
         mark = "stale" if stale == "stale" else "stale?"
@@ -255,11 +253,10 @@ def status_html(
         )
     totals = "".join(
         f"<div><b>{escape(name)}</b> "
-        + ", ".join(
-            f"{n} {escape(s)}" for s, n in sorted(page.totals.get(name, {}).get("shards", {}).items())
-        )
+        + ", ".join(f"{n} {escape(s)}" for s, n in sorted(by_status.items()))
         + "</div>"
         for name in stages
+        for by_status in [page.totals.get(name, {}).get("shards", {})]
     )
     first = page_number * page_size
     filters = {"status": status, "stage": stage, "q": query}
@@ -342,7 +339,7 @@ def history_html(
         '<button type="submit">Re-run</button> <span id="rerun-result"></span></form>'
         '<p class="muted">Without force, a ticked stage that is done with the same inputs is'
         " skipped: only failed, pending and stale ones run.</p>"
-        f"<p class=\"muted\">The same from a shell: <code>POST {escape(api)}</code> with"
+        f'<p class="muted">The same from a shell: <code>POST {escape(api)}</code> with'
         f" <code>{escape(conf)}</code>.</p>"
         "<h2>History</h2><table><thead><tr><th>at</th><th>stage</th><th>attempt</th>"
         "<th>event</th><th>worker</th><th>warnings</th><th>error</th></tr></thead>"
