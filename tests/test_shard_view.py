@@ -107,6 +107,21 @@ def test_a_done_fetch_whose_every_row_failed_is_not_green(http, built):
     assert 'data-tone="done"' in cells(page, shard_ids[0])["fetch"]
 
 
+def test_every_failed_row_is_flagged_even_without_the_error_rate_warning():
+    """With `fetch.warn_error_rate` at 1 a stage records no warning; the view still says it.
+    Rows left out by policy (opted out, robots) are not failures."""
+    from facecaption.core.status import stage_alerts, stage_tone
+    from facecaption.state import StageState
+
+    dead = StageState("s", "fetch", "done", 1, counts={"rows": 8, "http_error": 8, "ok": 0})
+    assert stage_tone("fetch", dead) == "failed"
+    assert stage_alerts("fetch", dead) == ["every row failed (8 rows)"]
+    policy = StageState("s", "fetch", "done", 1, counts={"rows": 8, "opted_out": 8})
+    assert (stage_tone("fetch", policy), stage_alerts("fetch", policy)) == ("done", [])
+    no_faces = StageState("s", "detect", "done", 1, counts={"images": 8, "faces_kept": 0})
+    assert stage_tone("detect", no_faces) == "done"
+
+
 def test_a_stage_refused_before_it_starts_says_why(http, built):
     settings, _, dead_shard = built
     with Pipeline.open(settings) as pipeline, pytest.raises(StageInputError):
@@ -213,38 +228,36 @@ def served(airflow_app, built):
     thread.join(10)
 
 
-# Airflow's UI shows a nav external view in this iframe (the sandbox its React code sets).
-HOST_PAGE = """<!doctype html><html class="{mode}"><body>
-<iframe id="view" sandbox="allow-scripts allow-same-origin allow-forms allow-downloads"
- src="/facecaption/shards" style="width:1200px;height:800px"></iframe></body></html>"""
-
-
-def test_shard_view_renders_in_chromium_inside_airflow_ui_frame(served, browser, page_errors):
+def test_shard_view_renders_in_chromium_inside_airflow_ui(served, browser, page_errors):
+    """Airflow's own UI (its React app, served by the same app) at the plugin's nav page, in
+    dark mode: the view is in its iframe, takes its colours, and opens links into the UI in
+    the UI's window."""
     base, token, (_, shard_ids, dead_shard) = served
     with browser() as chromium:
-        context = chromium.new_context()
+        context = chromium.new_context(color_scheme="dark")
         context.add_cookies([{"name": "_token", "value": token, "url": base}])
         page = context.new_page()
         errors = page_errors(page)
-        # Airflow's UI around the view: a page of the same origin, in dark mode.
-        page.route(f"{base}/host", lambda route: route.fulfill(
-            status=200, content_type="text/html", body=HOST_PAGE.format(mode="dark")))  # fmt: skip
-        page.goto(f"{base}/host")
-        frame = page.frame_locator("#view")
-        frame.locator("tr[data-shard]").first.wait_for()
+        page.goto(f"{base}/plugin/shards")
+        frame = page.frame_locator("iframe[title='Shards']")
+        frame.locator("tr[data-shard]").first.wait_for(timeout=60_000)
         rows = frame.locator("tr[data-shard]").evaluate_all("rs => rs.map(r => r.dataset.shard)")
         dark = frame.locator("html").evaluate("html => html.classList.contains('dark')")
+        host_background = page.evaluate(  # Airflow's theme colour for the page background
+            "getComputedStyle(document.documentElement).getPropertyValue('--chakra-colors-bg')"
+        ).strip()
         background = frame.locator("body").evaluate("b => getComputedStyle(b).backgroundColor")
         dead = frame.locator(f"tr[data-shard='{dead_shard}'] td[data-stage=fetch] .status")
         dead_colour = dead.evaluate("s => getComputedStyle(s).color")
         done = frame.locator(f"tr[data-shard='{shard_ids[0]}'] td[data-stage=fetch] .status")
         done_colour = done.evaluate("s => getComputedStyle(s).color")
-        # A link into Airflow's UI opens in the UI's window, not in the iframe.
-        frame.locator("a[href='shards/" + shard_ids[1] + "']").click()
+        frame.locator(f"a[href='shards/{shard_ids[1]}']").click()
         frame.locator("form#rerun").wait_for()
-        boxes = frame.locator("form#rerun input[type=checkbox]:checked").evaluate_all(
-            "boxes => boxes.map(b => b.name)"
+        ticked = frame.locator("form#rerun input[type=checkbox]:checked").evaluate_all(
+            "boxes => boxes.map(b => b.name === 'stage' ? b.value : b.name)"
         )
+        # A link into Airflow's UI (as the stage cells and the re-run result have) opens in
+        # the UI's window: the UI's sandbox does not let the iframe navigate it itself.
         frame.locator("form#rerun").evaluate(
             "form => form.insertAdjacentHTML('beforeend',"
             ' \'<a id="out" data-ui href="/dags/facecaption_build/runs/r1">run</a>\')'
@@ -253,8 +266,8 @@ def test_shard_view_renders_in_chromium_inside_airflow_ui_frame(served, browser,
             frame.locator("#out").click()
         top_url = page.url
     assert rows == [*shard_ids, dead_shard]
-    assert dark and background == "rgb(9, 9, 11)"
-    assert dead_colour == "rgb(252, 165, 165)" != done_colour  # failed red, not done green
-    assert boxes == STAGES  # every stage ticked; force and publish not
+    assert dark and host_background and background == host_background
+    assert dead_colour != done_colour  # the fetch whose every row failed is not green
+    assert ticked == STAGES  # every stage ticked; force and publish not
     assert top_url == f"{base}/dags/facecaption_build/runs/r1"
     assert [e for e in errors if "404" not in e] == []
