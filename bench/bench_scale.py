@@ -145,7 +145,7 @@ def timed(request: Callable[[], Any], repeats: int) -> tuple[float, float, int, 
 
 def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: int) -> dict:
     from facecaption.core.pipeline import Pipeline
-    from facecaption.core.status import format_status
+    from facecaption.core.status import format_status, stale_stages
     from facecaption.release.report import collect
     from facecaption.release.takedowns import match_pending_takedowns
 
@@ -163,6 +163,9 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
             ),
             "shard view page (`status_page`, 100 rows + totals)": lambda: pipeline.status_page(
                 status="done", limit=100
+            ),
+            "shard view stale markers (`stale_stages`, 100 rows)": lambda: stale_stages(
+                pipeline, [row.shard_id for row in pipeline.status_page(limit=100).rows]
             ),
             "report collection (`report.collect`)": lambda: collect(pipeline),
             "takedown matching (5 pending requests)": lambda: match_pending_takedowns(pipeline),
