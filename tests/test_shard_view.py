@@ -98,6 +98,33 @@ def test_shard_view_lists_every_shard_and_stage_status(http, built):
     assert "badge stale" not in page.text  # nothing changed since the build
 
 
+def test_every_request_shares_one_state_engine_per_process(airflow_app, http, built):
+    """One engine (and pool) per api-server process and state DB, not one per request: ten
+    pages leave one engine open, holding at most its pool's connections."""
+    import sqlalchemy as sa
+
+    app, _ = airflow_app
+    mounted = next(
+        route.app for route in app.routes if getattr(route, "path", "") == "/facecaption"
+    )
+    states = mounted.state.facecaption
+    before = states.engines
+    _, shard_ids, _ = built
+    for _ in range(5):
+        assert http.get("/facecaption/shards").status_code == 200
+        assert http.get(f"/facecaption/shards/{shard_ids[0]}").status_code == 200
+    assert states.engines == before + 1
+    settings, _, _ = built
+    with Pipeline.open(settings) as pipeline, pipeline.state.engine.connect() as connection:
+        open_connections = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    assert open_connections == 1  # the shared engine's one pooled connection, kept
+
+
 def test_a_done_fetch_whose_every_row_failed_is_not_green(http, built):
     _, shard_ids, dead_shard = built
     page = http.get("/facecaption/shards").text

@@ -82,10 +82,13 @@ class Pipeline:
         self.store = store
 
     @classmethod
-    def open(cls, settings: Settings | None = None) -> Pipeline:
+    def open(cls, settings: Settings | None = None, state: ShardState | None = None) -> Pipeline:
+        """A pipeline on `settings` (read from the environment when None), connected to the
+        state DB, or sharing `state`'s connections (which `close` then disposes of: a caller
+        sharing them does not close)."""
         settings = settings or Settings()
         store = ArtifactStore(settings.artifact_root, scratch_dir=settings.home_dir / "tmp")
-        return cls(settings, open_state(settings), store)
+        return cls(settings, state or open_state(settings), store)
 
     def close(self) -> None:
         self.state.engine.dispose()

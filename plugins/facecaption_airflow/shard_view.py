@@ -12,7 +12,8 @@ queries per request do not grow with the shards."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import threading
+from typing import TYPE_CHECKING, Annotated
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
@@ -22,6 +23,10 @@ from fastapi.responses import HTMLResponse
 
 from facecaption_airflow.airflow_tasks import latest_stage_tasks
 from facecaption_airflow.shard_pages import BUILD_DAG_ID, history_html, status_html
+
+if TYPE_CHECKING:
+    from facecaption.core.pipeline import Pipeline
+    from facecaption.state import ShardState
 
 URL_PREFIX = "/facecaption"  # where the plugin mounts the app
 PAGE_SIZE = 100  # shards per page of the shard view
@@ -33,6 +38,35 @@ SHARD_DAG_IDS = (BUILD_DAG_ID, "facecaption_refresh", "facecaption_takedown")
 CanReadShards = Depends(
     requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE, param_dag_id=BUILD_DAG_ID)
 )
+
+
+class SharedStates:
+    """The state DBs' connections of this api-server process: one engine (and its pool) per
+    state DB URL, opened at first use and kept, never one per request."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, ShardState] = {}
+        self._lock = threading.Lock()
+
+    def pipeline(self) -> Pipeline:
+        """A pipeline for this request: settings read now (the api-server's environment),
+        the state DB's engine shared with every other request."""
+        from facecaption.core.pipeline import Pipeline
+        from facecaption.settings import Settings
+        from facecaption.state import open_state
+        from facecaption.state.db import resolve_db_url
+
+        settings = Settings()
+        url = resolve_db_url(settings)
+        with self._lock:
+            if url not in self._states:
+                self._states[url] = open_state(settings)
+            state = self._states[url]
+        return Pipeline.open(settings, state=state)
+
+    @property
+    def engines(self) -> int:
+        return len(self._states)
 
 
 def ui_base(request: Request) -> str:
@@ -61,6 +95,7 @@ def readable_dag_ids(user: object) -> set[str]:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="facecaption shards", dependencies=[CanReadShards])
+    app.state.facecaption = states = SharedStates()
 
     @app.get("/shards", response_class=HTMLResponse)
     def shards(
@@ -72,20 +107,19 @@ def create_app() -> FastAPI:
         q: str = "",
         page: Annotated[int, Query(ge=0)] = 0,
     ) -> str:
-        from facecaption.core.pipeline import Pipeline
         from facecaption.core.status import stale_stages
 
-        with Pipeline.open() as pipeline:
-            try:
-                view = pipeline.status_page(
-                    status=status, stage=stage, contains=q, limit=PAGE_SIZE,
-                    offset=page * PAGE_SIZE, artifacts=False,
-                )  # fmt: skip
-            except ValueError as error:  # an unknown status or stage in the query
-                raise HTTPException(status_code=400, detail=str(error)) from error
-            shard_ids = [row.shard_id for row in view.rows]
-            stale = stale_stages(pipeline, shard_ids)
-            stages = pipeline.stage_names
+        pipeline = states.pipeline()
+        try:
+            view = pipeline.status_page(
+                status=status, stage=stage, contains=q, limit=PAGE_SIZE,
+                offset=page * PAGE_SIZE, artifacts=False,
+            )  # fmt: skip
+        except ValueError as error:  # an unknown status or stage in the query
+            raise HTTPException(status_code=400, detail=str(error)) from error
+        shard_ids = [row.shard_id for row in view.rows]
+        stale = stale_stages(pipeline, shard_ids)
+        stages = pipeline.stage_names
         tasks = latest_stage_tasks(session, readable_dag_ids(user), shard_ids)
         return status_html(
             view, stale=stale, tasks=tasks, stages=stages, ui_base=ui_base(request),
@@ -94,16 +128,15 @@ def create_app() -> FastAPI:
 
     @app.get("/shards/{shard_id}", response_class=HTMLResponse)
     def shard(shard_id: str, request: Request, user: GetUserDep, session: SessionDep) -> str:
-        from facecaption.core.pipeline import Pipeline
         from facecaption.state import UnknownShardError
 
-        with Pipeline.open() as pipeline:
-            try:
-                pipeline.state.get_shard(shard_id)
-            except UnknownShardError as error:
-                raise HTTPException(status_code=404, detail=str(error)) from error
-            events = pipeline.state.events(shard_id)
-            stages = pipeline.stage_names
+        pipeline = states.pipeline()
+        try:
+            pipeline.state.get_shard(shard_id)
+        except UnknownShardError as error:
+            raise HTTPException(status_code=404, detail=str(error)) from error
+        events = pipeline.state.events(shard_id)
+        stages = pipeline.stage_names
         tasks = latest_stage_tasks(session, readable_dag_ids(user), [shard_id])
         return history_html(shard_id, events, stages, ui_base=ui_base(request), tasks=tasks)
 
