@@ -45,6 +45,7 @@ from facecaption.attribute.labels import CELEBA_ATTRIBUTES
 from facecaption.core.errors import PermanentError
 
 OPSET = 17
+INPUT_SIZE = 256  # He et al.'s preprocessing; the attribute models' default input side
 TOLERANCE = 1e-3
 CHECK_BATCH = 2
 
@@ -112,7 +113,7 @@ def convert_attribute_model(
     out: Path,
     *,
     arch: str = "resnet50",
-    input_size: int = 256,
+    input_size: int = INPUT_SIZE,
     labels: Sequence[str] = CELEBA_ATTRIBUTES,
     crop: str = "center_square",
     interpolation: str = "bicubic",
@@ -125,11 +126,9 @@ def convert_attribute_model(
 
     `output="probabilities"` appends a sigmoid to the graph; the default leaves logits.
     """
-    import onnxruntime
     import torch
 
     out = Path(out).with_suffix(".onnx")
-    sidecar = out.with_suffix(".json")
     spec = AttributeModelSpec(
         name=name or out.stem,
         input_size=int(input_size),
@@ -140,11 +139,27 @@ def convert_attribute_model(
         std=tuple(float(s) for s in std),  # type: ignore[arg-type]
         output=output,  # type: ignore[arg-type]
     )
-    spec.validate(sidecar)
+    spec.validate(out.with_suffix(".json"))
     model = build_model(arch, load_state_dict(checkpoint), len(spec.labels), checkpoint)
     if output == "probabilities":
         model = torch.nn.Sequential(model, torch.nn.Sigmoid()).eval()
 
+    return export_onnx(model, spec, out, where=checkpoint)
+
+
+def export_onnx(
+    model, spec: AttributeModelSpec, out: Path, *, where: object, extra: dict | None = None
+) -> Path:  # noqa: ANN001
+    """Export a torch module (NCHW float32 -> the spec's output) to `out` and write its
+    sidecar (`extra`: more keys for it, e.g. provenance), after checking onnxruntime against
+    torch on a random batch (see the module docstring); returns the .onnx path."""
+    import json
+
+    import onnxruntime
+    import torch
+
+    out = Path(out).with_suffix(".onnx")
+    sidecar = out.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f".tmp-{os.getpid()}"
     onnx_tmp = out.with_name(f".{out.name}{tag}")
@@ -152,6 +167,7 @@ def convert_attribute_model(
     sample = torch.randn(
         CHECK_BATCH, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0)
     )
+    output = spec.output
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -171,9 +187,9 @@ def convert_attribute_model(
         diff = float(np.max(np.abs(np.asarray(got) - expected)))
         if not diff < TOLERANCE:
             raise RuntimeError(
-                f"ONNX export of {checkpoint} differs from torch by {diff:.3g} (limit {TOLERANCE})"
+                f"ONNX export of {where} differs from torch by {diff:.3g} (limit {TOLERANCE})"
             )
-        spec.save(json_tmp)
+        json_tmp.write_text(json.dumps({**spec.as_json(), **(extra or {})}, indent=2))
         os.replace(json_tmp, sidecar)
         os.replace(onnx_tmp, out)
     finally:
