@@ -17,6 +17,7 @@ from facecaption.settings import Settings
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by train-attributes
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
     export.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
     export.set_defaults(handler=_models_convert)
+    _train_attributes_parser(model_commands)
 
     stats = commands.add_parser(
         "text-stats", help="words per caption and distinct 4-grams: raw text vs LLM captions"
@@ -188,6 +190,87 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=int, default=8, help="rows per demo shard")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _train_attributes_parser(model_commands) -> None:  # noqa: ANN001
+    from facecaption.attribute.celeba import ALIGN_CHOICES
+    from facecaption.attribute.training import CALIBRATIONS, PRECISIONS, TrainingConfig
+
+    defaults = TrainingConfig(dataset="", backbone="", name="", work_dir=None)  # type: ignore[arg-type]
+    train = model_commands.add_parser(
+        "train-attributes",
+        help="fine-tune a pretrained image model on CelebA into a calibrated 40-attribute"
+        " classifier and install it in the cache (needs the dataset; a GPU for real use)",
+        description="Train, calibrate (on valid), evaluate (on test), export (ONNX + sidecar,"
+        " transformers) and install under --name (default: the attribute.model setting, which"
+        " makes it the model the attribute stage runs). A killed run started again with the"
+        " same options resumes from its last checkpoint. See docs/attribute-model.md.",
+    )
+    train.add_argument(
+        "--dataset",
+        required=True,
+        help="a Hub dataset id[:config], e.g. flwrlabs/celeba:img_align+identity+attr, or a local"
+        " folder of parquet files in that schema (train-*, valid-*, test-*)",
+    )
+    train.add_argument(
+        "--backbone",
+        required=True,
+        help="a Hub id or local folder of a pretrained transformers image model, e.g."
+        " microsoft/resnet-50",
+    )
+    train.add_argument("--name", default=None, help="cache name (default: the setting)")
+    train.add_argument("--revision", default=None, help="the backbone's Hub revision")
+    train.add_argument("--dataset-revision", default=None, help="the dataset's Hub revision")
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr, help="AdamW peak learning rate")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument(
+        "--input-size",
+        type=int,
+        default=defaults.input_size,
+        help="the model's input side (default: the attribute models' %(default)s px)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU",
+    )
+    train.add_argument(
+        "--balanced",
+        action="store_true",
+        help="class-balanced loss: pos_weight = negatives / positives per attribute",
+    )
+    train.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=defaults.calibration,
+        help="per-attribute temperature, or Platt (temperature and shift); auto: platt with"
+        " --balanced, else temperature",
+    )
+    train.add_argument(
+        "--align",
+        choices=ALIGN_CHOICES,
+        default=defaults.align,
+        help="five points for the pipeline's alignment: the dataset's landmark columns, the"
+        " face detector, or CelebA's fixed aligned landmarks (auto: columns, else detector)",
+    )
+    train.add_argument(
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps"
+    )
+    train.add_argument("--workers", type=int, default=defaults.workers, help="loader processes")
+    train.add_argument("--limit", type=int, default=None, help="rows per split (a quick try)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    train.add_argument(
+        "--work-dir", default=None, help="checkpoints (default: {home}/training/NAME)"
+    )
+    train.add_argument(
+        "--replace", action="store_true", help="install over a model already under the name"
+    )
+    train.add_argument("--restart", action="store_true", help="ignore the work folder's checkpoint")
+    train.set_defaults(handler=_models_train)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -448,6 +531,55 @@ def _models_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_train(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from facecaption.attribute.training import TrainingConfig, train_and_install
+
+    settings = Settings()
+    name = args.name or settings.attribute.model
+    config = TrainingConfig(
+        dataset=args.dataset,
+        backbone=args.backbone,
+        name=name,
+        work_dir=Path(args.work_dir) if args.work_dir else settings.home_dir / "training" / name,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        input_size=args.input_size,
+        precision=args.precision,
+        balanced=args.balanced,
+        calibration=args.calibration,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.workers,
+        align=args.align,
+        seed=args.seed,
+        limit=args.limit,
+        device=args.device,
+        replace=args.replace,
+        restart=args.restart,
+        backbone_revision=args.revision,
+        dataset_revision=args.dataset_revision,
+    )
+    trained = train_and_install(config, settings, command=shlex.join(["facecaption", *args.argv]))
+    mean = trained.report["mean"]
+    installed = trained.installed
+    print(f"{installed.key}: installed {installed.onnx} (+ .json) and {installed.folder}")
+    print(f"model card: {installed.card}")
+    print(
+        f"test: mean accuracy {mean['accuracy']:.4f}, balanced accuracy"
+        f" {mean['balanced_accuracy']:.4f}, F1 {mean['f1']:.4f}; calibration error (ECE)"
+        f" {mean['ece_test_before']:.4f} -> {mean['ece_test_after']:.4f}"
+    )
+    if name != settings.attribute.model or settings.attribute.model_path:
+        print(
+            f"to use it: FACECAPTION_ATTRIBUTE__MODEL={name} (or attribute.model in the TOML file)"
+        )
+    return 0
+
+
 def _models_list(args: argparse.Namespace) -> int:
     from facecaption.models.cache import ModelCache
 
@@ -458,6 +590,12 @@ def _models_list(args: argparse.Namespace) -> int:
     for key, entry in sorted(entries.items()):
         if entry.get("source") == "huggingface":
             print(f"{key}: {entry['repo']}@{entry['commit']} (revision {entry['revision']})")
+        elif entry.get("source") == "trained":
+            accuracy = entry["metrics"]["mean"]["accuracy"]
+            print(
+                f"{key}: trained from {entry['backbone']['backbone']} on"
+                f" {entry['dataset']['dataset']} (test mean accuracy {accuracy:.4f})"
+            )
         else:
             print(f"{key}: {entry['url']} sha256 {entry['archive_sha256']}")
         for name, digest in entry["files"].items():

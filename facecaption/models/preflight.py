@@ -161,5 +161,10 @@ def _origin(settings: Settings, model_path: str | None, section: str, key: str) 
         return "the model cache, put there by hand (no pull recorded its checksums)"
     if entry.get("source") == "huggingface":
         return f"pulled from the Hugging Face Hub: {entry['repo']}@{entry['commit']}"
+    if entry.get("source") == "trained":
+        return (
+            f"trained here (`models train-attributes`) from {entry['backbone']['backbone']} on"
+            f" {entry['dataset']['dataset']}"
+        )
     pin = "pinned" if entry.get("pinned") else "recorded at first pull"
     return f"pulled from {entry['url']} (sha256 {entry['archive_sha256'][:12]}..., {pin})"
