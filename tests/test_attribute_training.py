@@ -235,3 +235,28 @@ def test_a_name_that_holds_a_model_needs_replace(trained, capsys):
         patch.setenv("FACECAPTION_HOME", str(trained["home"]))
         assert main(trained["argv"]) == 1
     assert "pass --replace" in capsys.readouterr().err
+
+
+def test_the_detector_aligns_images_without_landmark_columns(tmp_path):
+    """--align detector: the packaged RetinaFace's five points, kept in the work folder; an
+    image without a face (or that does not decode) falls back to CelebA's fixed points."""
+    import pyarrow as pa
+    from support.sampledata import packaged_photos
+
+    from facecaption.attribute.celeba import CelebaSplit, detect_landmarks
+    from facecaption.detect.backends import load_detector
+
+    photo = packaged_photos().get("tom_hanks.png")
+    if photo is None:
+        pytest.skip("insightface's sample photo is not installed")
+    cells = [Path(photo).read_bytes(), b"not an image"]
+    table = pa.table({"image": pa.array([{"bytes": c, "path": "x"} for c in cells])})
+    split = CelebaSplit("test", table, np.zeros((2, 40), np.float32), None)
+    cache = tmp_path / "landmarks-test.npy"
+    points = detect_landmarks(split, load_detector(Settings(home=tmp_path)), cache)
+    assert np.isfinite(points[0]).all() and np.isnan(points[1]).all()
+    eyes = points[0][:2]
+    assert eyes[0, 0] < eyes[1, 0] and abs(eyes[0, 1] - eyes[1, 1]) < 10  # left, then right
+    crop = aligned_crop(decode_rgb(cells[0]), points[0])
+    assert crop.shape[0] == crop.shape[1] > 50
+    assert np.array_equal(detect_landmarks(split, None, cache), points, equal_nan=True)

@@ -19,7 +19,7 @@ with five landmarks, by the first source that has them (`align`):
   `rightmouth_y` (image left/right, as CelebA's `list_landmarks_align_celeba.txt`);
 - `detector`: the configured face detector's best face (the packaged RetinaFace offline), run
   once per image and kept in the work folder (`landmarks-{split}.npy`);
-- `celeba-mean`: one fixed set, CelebA's typical aligned landmarks (`CELEBA_MEAN_LANDMARKS`);
+- `celeba-mean`: one fixed set, roughly where CelebA puts them (`CELEBA_MEAN_LANDMARKS`);
   right for `img_align` images only (they are already eye-aligned), approximate per face.
 
 `auto` takes the columns when the dataset has them, else the detector. An image in which the
@@ -49,10 +49,10 @@ LANDMARK_COLUMNS = (
     "lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
     "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y",
 )  # fmt: skip
-# CelebA's aligned landmarks of its first image (000001.jpg in list_landmarks_align_celeba.txt,
-# close to the mean): img_align images put every face about there.
+# Where CelebA's img_align images put a face's five points, roughly (eyes near (69, 111) and
+# (108, 111) in the 178 x 218 image): a fallback, approximate per face, not measured here.
 CELEBA_MEAN_LANDMARKS = np.array(
-    [[69.0, 110.0], [107.0, 112.0], [88.0, 135.0], [72.0, 152.0], [106.0, 153.0]]
+    [[69.0, 111.0], [108.0, 111.0], [88.0, 134.0], [72.0, 152.0], [106.0, 152.0]]
 )
 ALIGN_CHOICES = ("auto", "landmarks", "detector", "celeba-mean")
 
@@ -201,9 +201,9 @@ def _hub_splits(dataset: str, revision: str | None) -> dict[str, CelebaSplit]:
     return splits
 
 
-def dataset_revision(dataset: str) -> dict:
-    """What names the data exactly: a Hub dataset's resolved commit, or each local file's
-    name and size (hashing gigabytes of parquet would cost more than it tells)."""
+def dataset_revision(dataset: str, revision: str | None = None) -> dict:
+    """What names the data exactly: a Hub dataset's revision resolved to its commit, or each
+    local file's name and size (hashing gigabytes of parquet would cost more than it tells)."""
     path = Path(dataset).expanduser()
     if path.exists():
         files = sorted(path.rglob("*.parquet"))
@@ -212,10 +212,20 @@ def dataset_revision(dataset: str) -> dict:
             "files": {f.relative_to(path).as_posix(): f.stat().st_size for f in files},
         }
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from facecaption.models.hub import transport_errors
 
     repo, _, config = dataset.partition(":")
-    info = HfApi().dataset_info(repo)
-    return {"dataset": repo, "config": config or None, "commit": info.sha}
+    try:
+        info = HfApi().dataset_info(repo, revision=revision)
+    except (HfHubHTTPError, *transport_errors(), OSError) as error:
+        raise DatasetError(
+            f"{dataset} is not a local folder, and the Hub did not give its revision"
+            f" {revision or 'main'}: {type(error).__name__}: {error} (a gated dataset needs its"
+            " terms accepted and `hf auth login` or HF_TOKEN)"
+        ) from None
+    return {"dataset": repo, "config": config or None, "revision": revision, "commit": info.sha}
 
 
 def landmark_source(split: CelebaSplit, align: str) -> str:

@@ -8,8 +8,9 @@ Files, for name N under `{models_dir}/attributes/`: `N.onnx` + `N.json` (the sid
 labels, the weights, an image processor doing the sidecar's preprocessing, `training.json`),
 and `N.md` (the card). Everything is written in a scratch folder inside the cache and renamed
 into place, the sidecar before its .onnx, so a failed install leaves the old model or nothing.
-The ONNX file comes first in `attribute_model`'s `auto` order, so that is what runs; both give
-the same probabilities within `EXPORT_TOLERANCE`.
+The ONNX file comes first in `attribute_model`'s `auto` order, so that is what runs; it gives
+torch's probabilities within `EXPORT_TOLERANCE`, the transformers folder within
+`PROCESSOR_TOLERANCE` (its image processor may resize with torchvision instead of Pillow).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from facecaption.core.store import sha256_file
 from facecaption.models.cache import ModelCache
 
 EXPORT_TOLERANCE = 1e-3  # max |p_export - p_torch| on the check crops
+# The transformers folder's image processor resizes with torchvision where it is installed
+# (Pillow otherwise, as the sidecar does): a resize filter apart, so a looser bound.
+PROCESSOR_TOLERANCE = 0.02
 CARD_SUFFIX = ".md"
 TRAINING_FILE = "training.json"
 BICUBIC = 3  # PIL's code, as transformers' image processors take it
@@ -145,11 +149,12 @@ def check_exports(
         "transformers": TransformersAttributeModel(folder, device="cpu").predict(crops),
     }
     differences = {kind: float(np.abs(p - expected).max()) for kind, p in got.items()}
+    limits = {"onnx": EXPORT_TOLERANCE, "transformers": PROCESSOR_TOLERANCE}
     for kind, difference in differences.items():
-        if not difference < EXPORT_TOLERANCE:
+        if not difference < limits[kind]:
             raise RuntimeError(
                 f"the {kind} export differs from torch by {difference:.3g} in probability"
-                f" (limit {EXPORT_TOLERANCE}); nothing was installed"
+                f" (limit {limits[kind]}); nothing was installed"
             )
     return differences
 

@@ -35,7 +35,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,13 +156,19 @@ def epoch_batches(size: int, batch: int, seed: int, epoch: int) -> list[list[tup
 
 
 def _loader(dataset: CropDataset, batches, workers: int, device):  # noqa: ANN001, ANN202
+    import multiprocessing
+
     import torch
 
+    # fork shares the memory-mapped tables with the workers; other start methods would
+    # pickle whole splits into each of them
+    fork = workers > 0 and "fork" in multiprocessing.get_all_start_methods()
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        multiprocessing_context="fork" if fork else None,
     )
 
 
@@ -180,7 +186,10 @@ def resolve_backbone(backbone: str, revision: str | None) -> tuple[str, str | No
         return str(path), None, {"backbone": str(path.resolve()), "identity": identity}
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(backbone, revision=revision)
+    from facecaption.models.hub import _hub_errors
+
+    with _hub_errors(backbone, revision, None):
+        info = HfApi().model_info(backbone, revision=revision)
     return backbone, info.sha, {"backbone": backbone, "revision": revision, "commit": info.sha}
 
 
@@ -478,8 +487,15 @@ def train_and_install(
         raise TrainingError(f"calibration must be one of {CALIBRATIONS}")
     cache = ModelCache(settings.model_cache_dir)
     refuse_taken_name(cache, config.name, config.replace)
+    # Hub revisions resolve to commits once, and those commits are what is loaded
+    dataset = dataset_revision(config.dataset, config.dataset_revision)
+    _, backbone_commit, backbone = resolve_backbone(config.backbone, config.backbone_revision)
+    config = replace(
+        config,
+        dataset_revision=dataset.get("commit", config.dataset_revision),
+        backbone_revision=backbone_commit,
+    )
     prepared = prepare_data(config, settings, log)
-    _, _, backbone = resolve_backbone(config.backbone, config.backbone_revision)
     run = train(config, settings, on_step=on_step, log=log, prepared=prepared)
     splits, landmarks, _ = prepared
     valid = predict_logits(run.model, splits["valid"], landmarks["valid"], run.spec, config)
@@ -494,7 +510,7 @@ def train_and_install(
     ]
     record = {
         "dataset": {
-            **dataset_revision(config.dataset),
+            **dataset,
             "rows": {k: len(v) for k, v in splits.items()},
         },
         "backbone": backbone,

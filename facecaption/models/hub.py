@@ -196,10 +196,22 @@ def _check_loadable(kind: str, folder: Path, where: str) -> None:
         raise HubPullError(f"{where}: {problem.removeprefix(str(folder)).lstrip('/ ')}")
 
 
+def transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client errors huggingface_hub lets through (connection refused, timeouts):
+    httpx's, and httpx2's where this huggingface_hub speaks through httpx2."""
+    import httpx
+
+    errors: tuple[type[Exception], ...] = (httpx.HTTPError,)
+    try:
+        import httpx2
+    except ImportError:
+        return errors
+    return (*errors, httpx2.HTTPError)
+
+
 @contextmanager
 def _hub_errors(repo: str, revision: str | None, endpoint: str | None) -> Iterator[None]:
     """The client's errors as ours, with what to do in the message."""
-    import httpx
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -225,7 +237,7 @@ def _hub_errors(repo: str, revision: str | None, endpoint: str | None) -> Iterat
         raise HubPullError(
             f"{repo} has no revision {revision!r} (give a branch, tag or commit)"
         ) from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, httpx.HTTPError, OSError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, *transport_errors(), OSError) as error:
         raise HubUnreachableError(
             f"could not pull {repo} from {hub}: {type(error).__name__}: {error}"
         ) from None
