@@ -212,7 +212,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(data, tmp_path):
         train(other, settings)
 
 
-def test_a_dataset_without_the_40_attribute_columns_is_refused(tmp_path, capsys):
+def test_a_dataset_without_the_40_attribute_columns_is_refused(data, tmp_path, capsys):
     dataset = write_synthetic_celeba(tmp_path / "bad", {"train": 4, "valid": 4, "test": 4},
                                      drop=("Young", "Wearing_Necktie"))  # fmt: skip
     with pytest.raises(DatasetError, match="missing \\['Wearing_Necktie', 'Young'\\]"):
@@ -221,7 +221,7 @@ def test_a_dataset_without_the_40_attribute_columns_is_refused(tmp_path, capsys)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FACECAPTION_HOME", str(home))
         code = main(["models", "train-attributes", "--dataset", str(dataset),
-                     "--backbone", str(tmp_path / "unused")])  # fmt: skip
+                     "--backbone", str(data["backbone"])])  # fmt: skip
     assert code == 1
     assert "not CelebA-40 in the Hugging Face schema" in capsys.readouterr().err
     assert not (home / "models" / "attributes").exists()

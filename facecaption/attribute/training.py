@@ -179,6 +179,9 @@ def resolve_backbone(backbone: str, revision: str | None) -> tuple[str, str | No
     """(where to load from, the revision to load, provenance): a local folder is named by
     the sha256s of its files; a Hub id by the commit its revision resolves to."""
     path = Path(backbone).expanduser()
+    looks_local = backbone.startswith(("/", ".", "~")) or backbone.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise TrainingError(f"--backbone {backbone}: no such folder (nor a Hub id: org/name)")
     if path.is_dir():
         from facecaption.models.identity import ATTRIBUTE_IDENTITY_PATTERNS, folder_identity
 
