@@ -191,7 +191,7 @@ def evaluation_markdown(report: dict, *, label: str) -> str:
     mean = report["mean"]
     lines = [
         f"Test split: {report['test_faces']} faces; calibration fitted on the valid split"
-        f" ({report['valid_faces']} faces). {label}",
+        f" ({report['valid_faces']} faces).{' ' + label if label else ''}",
         "",
         "| attribute | accuracy | balanced accuracy | F1 | positives | ECE before | ECE after |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -174,6 +174,8 @@ def model_card(name: str, record: dict, table: str) -> str:
             " valid split, folded into the head of both exports",
             f"- exports agree with torch within: {json.dumps(record['export_check'])}",
             f"- command: `{record['command']}`",
+            "- terms: weights learnt from CelebA carry its release agreement (non-commercial"
+            " research use only)",
             "",
             "## Evaluation",
             "",
