@@ -85,8 +85,9 @@ def fold_calibration(model, calibration: Calibration) -> None:  # noqa: ANN001
 
     layer = head_linear(model)
     with torch.no_grad():
-        scale = torch.as_tensor(calibration.scale, dtype=layer.weight.dtype)
-        shift = torch.as_tensor(calibration.shift, dtype=layer.weight.dtype)
+        where = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        scale = torch.as_tensor(calibration.scale, **where)
+        shift = torch.as_tensor(calibration.shift, **where)
         layer.weight.mul_(scale[:, None])
         bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
         layer.bias = torch.nn.Parameter(bias * scale + shift)
@@ -199,8 +200,8 @@ def install_trained_model(
     from facecaption.attribute.conversion import export_onnx
 
     name = spec.name
-    fold_calibration(model, calibration)
     model = model.cpu().float().eval()
+    fold_calibration(model, calibration)
     record = {**record, "calibration": calibration.as_json(), "metrics": report}
     target_onnx, target_folder = cache.attribute_model(name), cache.attribute_folder(name)
     card_path = target_onnx.with_suffix(CARD_SUFFIX)

@@ -373,6 +373,8 @@ def train(
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         step, history = int(saved["step"]), [tuple(h) for h in saved["history"]]
         log(f"resuming from step {step} of {total} ({checkpoint_path})")
     resumed_from = step
@@ -389,6 +391,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "history": [list(h) for h in history],
             },
         )
