@@ -260,3 +260,35 @@ def test_the_detector_aligns_images_without_landmark_columns(tmp_path):
     crop = aligned_crop(decode_rgb(cells[0]), points[0])
     assert crop.shape[0] == crop.shape[1] > 50
     assert np.array_equal(detect_landmarks(split, None, cache), points, equal_nan=True)
+
+
+def test_a_hub_backbone_is_pinned_to_the_commit_its_revision_names(data, tmp_path):
+    """--backbone ORG/NAME --revision TAG through the real client (HF_ENDPOINT: a loopback
+    Hub): the commit the tag resolves to is what is loaded and what the manifest records."""
+    from support.hubserver import HubServer
+
+    home = tmp_path / "home"
+    with HubServer(tmp_path / "hub") as hub:
+        commit = hub.publish_folder("facecaption-test/tiny-resnet", data["backbone"], refs=("v1",))
+        finished = subprocess.run(
+            [
+                sys.executable, "-m", "facecaption.cli", "models", "train-attributes",
+                "--dataset", str(data["dataset"]), "--backbone", "facecaption-test/tiny-resnet",
+                "--revision", "v1", "--epochs", "1", "--batch-size", "16", "--limit", "16",
+                "--input-size", str(INPUT_SIZE), "--workers", "0", "--name", "from-hub",
+            ],
+            env={
+                **os.environ, "FACECAPTION_HOME": str(home), "HF_ENDPOINT": hub.endpoint,
+                "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "FACECAPTION_ATTRIBUTE__MODEL=from-hub" in finished.stdout
+    entry = ModelCache(home / "models").manifest()["attributes/from-hub"]
+    assert entry["backbone"] == {
+        "backbone": "facecaption-test/tiny-resnet", "revision": "v1", "commit": commit
+    }  # fmt: skip
+    assert entry["dataset"]["rows"] == {"train": 16, "valid": 16, "test": 16}
