@@ -63,7 +63,6 @@ RESUME_KEYS = (
     "dataset", "backbone", "epochs", "batch_size", "lr", "weight_decay", "warmup_fraction",
     "input_size", "balanced", "align", "seed", "limit",
 )  # fmt: skip
-MODEL_CARD_SUFFIX = ".md"
 
 
 class TrainingError(PermanentError, ValueError):
@@ -428,6 +427,9 @@ def train(
                 bar.set_postfix(loss=f"{history[-1][1]:.4f}", epoch=epoch + 1)
                 if step % config.checkpoint_every == 0 or step % per_epoch == 0:
                     save()
+                    if bar.disable:  # no terminal (a log file): a line per checkpoint instead
+                        recent = np.mean([loss for _, loss in history[-config.checkpoint_every :]])
+                        log(f"step {step}/{total} (epoch {epoch + 1}): loss {recent:.4f}, saved")
                 if on_step is not None:
                     on_step(step)
     model.eval()
