@@ -79,7 +79,7 @@ def time_passes(pipeline: Pipeline, shard_id: str, duration: timedelta) -> None:
     with pipeline.state.engine.begin() as conn:
         conn.execute(
             sa.text(
-                "UPDATE fetch_row_retries SET tried_at = tried_at - :d, due_at = due_at - :d"
+                "UPDATE row_retries SET tried_at = tried_at - :d, due_at = due_at - :d"
                 " WHERE shard_id = :s"
             ),
             {"d": duration, "s": shard_id},
@@ -99,13 +99,13 @@ def rows_by_url(pipeline: Pipeline, shard_id: str) -> dict[str, dict]:
 def test_a_transient_row_waits_longer_each_run_then_gives_up(tmp_path, budget_settings, site):
     with Pipeline.open(budget_settings) as pipeline:
         shard_id = plan(pipeline, tmp_path, site)
-        ledger = RowRetryLedger(pipeline.state.engine)
+        ledger = RowRetryLedger(pipeline.state.engine, "fetch")
         for stage in pipeline.stage_names:
             pipeline.run(stage, shard_id)
         first = pipeline.state.get_stage(shard_id, "fetch")
         assert (first.counts["retryable"], first.counts["ok"], first.counts["fetched"]) == (2, 1, 4)
         waiting = ledger.rows(shard_id)
-        assert sorted(waiting) == [1, 3] and {r.runs for r in waiting.values()} == {1}
+        assert sorted(waiting) == ["1", "3"] and {r.runs for r in waiting.values()} == {1}
         assert {r.due_at - r.tried_at for r in waiting.values()} == {timedelta(seconds=PAUSE_S)}
         assert first.retry_at == min(r.due_at for r in waiting.values())
 
@@ -182,8 +182,8 @@ def test_only_due_rows_are_fetched_and_a_recovered_row_leaves_the_budget(
         with pipeline.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
-                    "UPDATE fetch_row_retries SET due_at = now() - interval '1 minute'"
-                    " WHERE shard_id = :s AND row = 1"
+                    "UPDATE row_retries SET due_at = now() - interval '1 minute'"
+                    " WHERE shard_id = :s AND stage = 'fetch' AND key = '1'"
                 ),
                 {"s": shard_id},
             )
@@ -201,9 +201,9 @@ def test_only_due_rows_are_fetched_and_a_recovered_row_leaves_the_budget(
         rows = rows_by_url(pipeline, shard_id)
         assert rows[site.url("flaky.png")]["status"] == "duplicate"
         assert rows[REFUSED] == before[REFUSED]  # left alone: not due
-        waiting = RowRetryLedger(pipeline.state.engine).rows(shard_id)
-        assert list(waiting) == [3] and waiting[3].runs == 1
-        assert pipeline.state.get_stage(shard_id, "fetch").retry_at == waiting[3].due_at
+        waiting = RowRetryLedger(pipeline.state.engine, "fetch").rows(shard_id)
+        assert list(waiting) == ["3"] and waiting["3"].runs == 1
+        assert pipeline.state.get_stage(shard_id, "fetch").retry_at == waiting["3"].due_at
 
 
 def test_a_forced_run_does_not_wait_but_counts(tmp_path, budget_settings, site):
@@ -212,7 +212,9 @@ def test_a_forced_run_does_not_wait_but_counts(tmp_path, budget_settings, site):
         pipeline.run("fetch", shard_id)
         forced = pipeline.run("fetch", shard_id, force=True)
         assert forced.counts["fetched"] == 2 and forced.counts["retryable"] == 2
-        runs = {r.runs for r in RowRetryLedger(pipeline.state.engine).rows(shard_id).values()}
+        runs = {
+            r.runs for r in RowRetryLedger(pipeline.state.engine, "fetch").rows(shard_id).values()
+        }
         assert runs == {2}
 
 

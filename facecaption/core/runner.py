@@ -120,8 +120,9 @@ def run_stage(
     """Run a stage on a shard unless it is done with the same fingerprint.
 
     `force` runs it anyway; the stage may then keep what is final in its earlier outputs
-    (the fetch stage re-tries only transient failures). `retry_transient` runs it only when it
-    left `retryable` work that is due (what a refresh does). `fresh` also ignores earlier outputs.
+    (fetch and caption try again only their transient failures). `retry_transient` runs it
+    only when it left `retryable` work that is due (what a refresh does). `fresh` also
+    ignores earlier outputs.
     `wait_s`: how long to wait for another worker that holds this shard's stage.
     `progress` gets the stage's running counts as it goes.
     """
@@ -137,8 +138,8 @@ def run_stage(
             raise
         wanted = fingerprint(stage, inputs)
         intact = artifacts_intact(store, shard_id, current.artifacts)
-        # With retry_transient, a stage that left retryable work (fetch rows that timed out,
-        # ...) is not up to date.
+        # With retry_transient, a stage that left retryable work that is due (fetch rows that
+        # timed out, caption faces whose LLM server failed, ...) is not up to date.
         retry = retry_transient and retry_due(current)
         up_to_date = intact and current.fingerprint == wanted and not retry
         if up_to_date and current.status == "done" and not force:
@@ -155,7 +156,7 @@ def run_stage(
             store=owned,
             dedup=ImageHashIndex(state.engine, (stage.name, attempt)),
             takedowns=TakedownIndex(state.engine),
-            row_retries=RowRetryLedger(state.engine),
+            row_retries=RowRetryLedger(state.engine, stage.name),
             forced=force,
             fingerprint=wanted,
             previous=current if reusable and not fresh else None,

@@ -76,8 +76,8 @@ class StageContext:
     inputs: dict[str, Any] = field(default_factory=dict)
     # Running counts as the stage goes (see facecaption.core.progress); call it freely.
     progress: Callable[[dict[str, int]], None] = lambda counts: None
-    # Fetch rows that failed transiently, across runs: how many runs tried each, and when the
-    # next may (see facecaption.fetch.retries).
+    # This stage's rows that failed transiently, across runs (fetch rows, caption faces): how
+    # many runs tried each, and when the next may (see facecaption.core.retry_budget).
     row_retries: RowRetryLedger | None = None
     # The operator asked for this run (`--force`): pauses between runs do not hold it back.
     forced: bool = False

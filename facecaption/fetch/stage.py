@@ -46,9 +46,10 @@ from facecaption.core.artifacts import (
     FETCH_TAR,
 )
 from facecaption.core.imaging import EXTENSIONS, check_image
+from facecaption.core.retry_budget import next_due
 from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageResult
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
-from facecaption.fetch.retries import next_due, pausing_rows, settle
+from facecaption.fetch.retries import row_budget, settle
 from facecaption.fetch.web.downloader import Downloader, retry_later
 from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
 from facecaption.plan.sources import (
@@ -170,7 +171,7 @@ class FetchStage:
             if context.previous and context.row_retries is not None
             else {}
         )
-        pausing = pausing_rows(ledger, now, context.forced)
+        pausing = {int(key) for key in row_budget(limits).pausing(ledger, now, context.forced)}
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
                 reused = self._keep_final_rows(context, spool, pausing) if context.previous else {}

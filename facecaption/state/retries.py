@@ -1,8 +1,9 @@
-"""The fetch rows that failed transiently and that a later run may try again, kept across runs
-in `fetch_row_retries`: per (shard, row) how many runs tried it, when the last did, and when
-the next may. The fetch stage reads a shard's rows before it runs and replaces them with what
-is still pausing after it published (`facecaption.fetch.retries` decides the numbers). One
-query to read, one transaction to replace, whatever the number of rows.
+"""The rows of a stage's work that failed transiently and that a later run may try again, kept
+across runs in `row_retries`: per (shard, stage, key) how many runs tried it, when the last
+did, and when the next may. A stage reads a shard's keys before it runs and replaces them with
+what is still pausing after it published (`facecaption.core.retry_budget` decides the
+numbers). Keys are the stage's own row names as text: fetch's source row numbers, caption's
+face ids. One query to read, one transaction to replace, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -19,47 +20,51 @@ from sqlalchemy.engine import Engine
 class RowRetry:
     """One row's place in its retry budget."""
 
-    row: int
-    runs: int  # runs that fetched it and got a transient failure
+    key: str  # the row as its stage names it (fetch: the row number; caption: the face id)
+    runs: int  # runs that tried it and got a transient failure
     tried_at: datetime  # when the last of them did
-    due_at: datetime  # from when a run may fetch it again
+    due_at: datetime  # from when a run may try it again
 
 
 class RowRetryLedger:
-    """`fetch_row_retries` over one engine."""
+    """`row_retries` of one stage over one engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stage: str) -> None:
         self.engine = engine
+        self.stage = stage
 
-    def rows(self, shard_id: str) -> dict[int, RowRetry]:
-        """The shard's rows waiting for another run, by row number."""
+    def rows(self, shard_id: str) -> dict[str, RowRetry]:
+        """The shard's rows waiting for another run, by key."""
         with self.engine.connect() as conn:
             found = conn.execute(
                 sa.text(
-                    "SELECT row, runs, tried_at, due_at FROM fetch_row_retries WHERE shard_id = :s"
+                    "SELECT key, runs, tried_at, due_at FROM row_retries"
+                    " WHERE shard_id = :s AND stage = :t"
                 ),
-                {"s": shard_id},
+                {"s": shard_id, "t": self.stage},
             )
-            return {r.row: RowRetry(r.row, r.runs, r.tried_at, r.due_at) for r in found}
+            return {r.key: RowRetry(r.key, r.runs, r.tried_at, r.due_at) for r in found}
 
     def replace(self, shard_id: str, retries: Sequence[RowRetry]) -> None:
         """Make `retries` the shard's rows (rows that became final leave)."""
         with self.engine.begin() as conn:
             conn.execute(
-                sa.text("DELETE FROM fetch_row_retries WHERE shard_id = :s"), {"s": shard_id}
+                sa.text("DELETE FROM row_retries WHERE shard_id = :s AND stage = :t"),
+                {"s": shard_id, "t": self.stage},
             )
             if not retries:
                 return
             conn.execute(
                 sa.text(
-                    "INSERT INTO fetch_row_retries (shard_id, row, runs, tried_at, due_at)"
-                    " SELECT :s, r, n, t, d FROM unnest(CAST(:rows AS bigint[]),"
+                    "INSERT INTO row_retries (shard_id, stage, key, runs, tried_at, due_at)"
+                    " SELECT :s, :t, k, n, tr, d FROM unnest(CAST(:keys AS text[]),"
                     " CAST(:runs AS integer[]), CAST(:tried AS timestamptz[]),"
-                    " CAST(:due AS timestamptz[])) AS x(r, n, t, d)"
+                    " CAST(:due AS timestamptz[])) AS x(k, n, tr, d)"
                 ),
                 {
                     "s": shard_id,
-                    "rows": [retry.row for retry in retries],
+                    "t": self.stage,
+                    "keys": [retry.key for retry in retries],
                     "runs": [retry.runs for retry in retries],
                     "tried": [retry.tried_at for retry in retries],
                     "due": [retry.due_at for retry in retries],
