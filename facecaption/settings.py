@@ -253,10 +253,22 @@ class CaptionSettings(StageModelSettings):
     max_reply_bytes: int = Field(
         1_048_576, ge=1, description="openai backend: reading stops here and the reply is refused"
     )
+    # Across runs: a face whose request met a transient fault (timeout, connection error,
+    # malformed HTTP, 429/5xx after `retries`) is asked again by later runs (a refresh), each
+    # waiting longer, until `face_max_runs` runs have tried it; then it gave up (its caption is
+    # the grammar's text). The same budget as fetch's rows (`facecaption.core.retry_budget`).
+    face_max_runs: int = Field(
+        4, ge=1, description="runs that may ask the LLM for a face failing transiently"
+    )
+    face_retry_pause_s: float = Field(
+        3600.0,
+        ge=0,
+        description="wait before a later run asks for such a face again; doubles with each run",
+    )
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
         "batch_size", "concurrency", "timeout_s", "retries", "api_key_env",
-        "base_url", "max_reply_bytes",
+        "base_url", "max_reply_bytes", "face_max_runs", "face_retry_pause_s",
     )  # fmt: skip
 
 

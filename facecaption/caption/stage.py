@@ -13,14 +13,22 @@ a greedy model would only get the identical answer). If the retry fails too, the
 the raw text. A face whose request got no usable reply (see the reasons in
 `facecaption.caption.rewriters`: timeout, http_error, not_json, bad_shape, empty_reply, ...)
 falls back to the raw text at once, with its reason; it is not asked again in this run (the
-server backend already retried what a retry can fix), and the transient reasons are counted
-as `retryable`, so a refresh (`run --retry-transient`) runs the stage again. Each row records
-what happened:
+server backend already retried what a retry can fix), and the transient reasons (timeout,
+connection_error, bad_http, server_error) are counted as `retryable`: a later run asks for
+that face again, within a budget across runs (`facecaption.core.retry_budget`): a refresh
+(`run --retry-transient`) asks once its pause has passed (`caption.face_retry_pause_s`,
+doubling with each run; a forced run does not wait), and the run that asks for the
+`caption.face_max_runs`-th time and fails again makes it final, `gave_up_<last reason>`
+(e.g. `gave_up_server_error`), with the raw text as its caption. A run over earlier outputs
+made from the same inputs keeps every face that is final (and the pausing ones) as it is and
+asks only for the rest; `run --force --fresh` asks for every face. Each row records what
+happened:
 
   fidelity = "pass" (first reply), "retry_pass" (second reply), "fallback" (raw text used
   after two failures or no usable reply), "template" (the template backend: no LLM asked)
-  rewrite_error = why the last reply was not usable (then fidelity is "fallback"), or
-  "reply_truncated" (the reply was cut to the caption cap); null otherwise
+  rewrite_error = why the last reply was not usable (then fidelity is "fallback"; a
+  transient reason whose budget is spent is "gave_up_" + that reason), or "reply_truncated"
+  (the reply was cut to the caption cap); null otherwise
 
 A bad reply changes its face's row only: the stage finishes. Text statistics (words and
 distinct 4-grams, for raw text and for accepted LLM captions) go into the stage's counts,
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +55,23 @@ from facecaption.caption.rewriters import (
     load_rewriter,
 )
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, CAPTIONS_PARQUET, CAPTIONS_SCHEMA
+from facecaption.core.retry_budget import RetryBudget, next_due
 from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import write_parquet
 from facecaption.models.identity import caption_identity
 from facecaption.settings import CaptionSettings, Settings
 from facecaption.state import Shard
+from facecaption.state.retries import RowRetry
 
 PROMPTS_PER_CALL = 256  # faces handed to the rewriter at once (it batches further inside)
 NGRAM = 4
 REPLY_TRUNCATED = "reply_truncated"  # rewrite_error of a reply cut to the caption cap
+GAVE_UP = "gave_up_"  # rewrite_error prefix of a face whose budget of runs is spent
+
+
+def gave_up(reason: str) -> str:
+    """The rewrite_error of a face whose last run of its budget failed with `reason`."""
+    return GAVE_UP + reason
 
 
 def words(text: str) -> list[str]:
@@ -103,19 +120,43 @@ class CaptionStage:
         grammar = grammar_for(limits)
         attributes = store.read_table(store.shard_path(shard.shard_id, ATTRIBUTES_PARQUET))
         faces = [face for face in attributes.to_pylist() if face["kept"]]
-        rewriter = None
-        if limits.backend != "template" and faces:
-            rewriter = load_rewriter(context.settings)
-        rows: list[dict[str, Any]] = []
-        for start in range(0, len(faces), PROMPTS_PER_CALL):
-            rows += caption_faces(
-                faces[start : start + PROMPTS_PER_CALL], grammar, limits, rewriter
-            )
-            context.progress({"faces": len(rows), "to_caption": len(faces)})
         path = store.shard_path(shard.shard_id, CAPTIONS_PARQUET)
+        budget = face_budget(limits)
+        now = datetime.now(UTC)
+        # faces that met a transient fault before: runs used, and when each is due again
+        ledger = (
+            context.row_retries.rows(shard.shard_id)
+            if context.previous and context.row_retries is not None
+            else {}
+        )
+        pausing = budget.pausing(ledger, now, context.forced)
+        done = (
+            {
+                row["face_id"]: row
+                for row in store.read_table(path).to_pylist()
+                if row["rewrite_error"] not in TRANSIENT_ERRORS or row["face_id"] in pausing
+            }
+            if context.previous
+            else {}
+        )
+        to_ask = [face for face in faces if face["face_id"] not in done]
+        rewriter = None
+        if limits.backend != "template" and to_ask:
+            rewriter = load_rewriter(context.settings)
+        asked: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(to_ask), PROMPTS_PER_CALL):
+            batch = caption_faces(
+                to_ask[start : start + PROMPTS_PER_CALL], grammar, limits, rewriter
+            )
+            asked.update((row["face_id"], row) for row in batch)
+            context.progress({"faces": len(done) + len(asked), "to_caption": len(faces)})
+        rows = [asked.get(face["face_id"]) or done[face["face_id"]] for face in faces]
+        waiting = settle_faces(rows, set(asked), ledger, budget, now)
         with store.publish(path) as tmp:
             write_parquet(rows, CAPTIONS_SCHEMA, tmp)
             ref = store.describe(path, tmp)
+        if context.row_retries is not None:  # what the published faces leave to later runs
+            context.row_retries.replace(shard.shard_id, waiting)
         fidelity = Counter(row["fidelity"] for row in rows)
         rewrite_errors = Counter(row["rewrite_error"] for row in rows if row["rewrite_error"])
         raw = text_stats(row["raw_text"] for row in rows)
@@ -123,6 +164,7 @@ class CaptionStage:
         return StageResult(
             counts={
                 "faces": len(rows),
+                "asked": len(asked),  # faces this run asked the LLM for (the rest were kept)
                 **{f"fidelity_{outcome}": n for outcome, n in sorted(fidelity.items())},
                 **{f"rewrite_{reason}": n for reason, n in sorted(rewrite_errors.items())},
                 "raw_words": raw["words"],
@@ -132,9 +174,36 @@ class CaptionStage:
                 "llm_unique_4grams": llm["unique_4grams"],
                 # faces a later run may caption (the runner re-runs a stage that has some)
                 "retryable": sum(rewrite_errors[reason] for reason in TRANSIENT_ERRORS),
+                # faces whose budget of runs is spent: final with the grammar's text
+                "gave_up": sum(
+                    n for reason, n in rewrite_errors.items() if reason.startswith(GAVE_UP)
+                ),
             },
             artifacts={CAPTIONS_PARQUET: ref},
+            retry_at=next_due(waiting),
         )
+
+
+def face_budget(limits: CaptionSettings) -> RetryBudget:
+    return RetryBudget(limits.face_max_runs, limits.face_retry_pause_s)
+
+
+def settle_faces(
+    rows: list[dict[str, Any]],
+    asked: set[str],
+    ledger: dict[str, RowRetry],
+    budget: RetryBudget,
+    now: datetime,
+) -> list[RowRetry]:
+    """After a run: every face it asked for (`asked`) that met a transient fault has used one
+    more run of its budget; one that used the last gives up (its row is changed in place).
+    Returns the faces still waiting for a later run."""
+    failing = {row["face_id"]: row for row in rows if row["rewrite_error"] in TRANSIENT_ERRORS}
+    waiting, spent = budget.settle(failing, asked, ledger, now)
+    for retry in spent:
+        row = failing[retry.key]
+        row["rewrite_error"] = gave_up(row["rewrite_error"])
+    return waiting
 
 
 def cap_caption(text: str, max_words: int, max_chars: int) -> tuple[str, bool]:

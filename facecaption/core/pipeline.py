@@ -201,13 +201,16 @@ class Pipeline:
         shard_id: str,
         *,
         force: bool = False,
+        fresh: bool = False,
         retry_transient: bool = False,
         wait_s: float = 0,
         progress: ProgressSink | None = None,
     ) -> StageOutcome:
+        """Run one stage on one shard (`facecaption.core.runner.run_stage`: `force` keeps what
+        is final in the stage's earlier outputs, `force` and `fresh` together redo it all)."""
         return run_stage(
-            stage, shard_id, self.settings, self.state, self.store,
-            force=force, retry_transient=retry_transient, wait_s=wait_s, progress=progress,
+            stage, shard_id, self.settings, self.state, self.store, force=force, fresh=fresh,
+            retry_transient=retry_transient, wait_s=wait_s, progress=progress,
         )  # fmt: skip
 
     def status(

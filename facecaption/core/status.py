@@ -21,7 +21,10 @@ _HEADLINE = {
     ),
     "detect": lambda counts: f"{counts.get('faces_kept', 0)} faces",
     "attribute": lambda counts: f"{counts.get('kept', 0)}/{counts.get('faces', 0)} kept",
-    "caption": lambda counts: f"{counts.get('llm_captions', 0)}/{counts.get('faces', 0)} llm",
+    "caption": lambda counts: (
+        f"{counts.get('llm_captions', 0)}/{counts.get('faces', 0)} llm"
+        + (f", {counts['gave_up']} gave up" if counts.get("gave_up") else "")
+    ),
     "export": lambda counts: f"{counts.get('released', 0)} rows",
 }
 
