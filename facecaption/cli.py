@@ -62,13 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force",
         action="store_true",
-        help="re-run shards that are done (fetch keeps final rows and retries transient ones)",
+        help="re-run shards that are done (fetch and caption keep their final rows and faces and"
+        " retry the transient failures at once)",
     )
     run.add_argument(
         "--retry-transient",
         action="store_true",
-        help="also run done stages that left retryable work that is due (fetch rows that failed"
-        " transiently, once their pause between runs has passed)",
+        help="also run done stages that left retryable work that is due (fetch rows and caption"
+        " faces that failed transiently, once their pause between runs has passed)",
     )
     run.add_argument(
         "--jobs", type=int, default=1, help="shards run at once, one process each (e.g. cores)"

@@ -21,8 +21,8 @@ doubling with each run; a forced run does not wait), and the run that asks for t
 `caption.face_max_runs`-th time and fails again makes it final, `gave_up_<last reason>`
 (e.g. `gave_up_server_error`), with the raw text as its caption. A run over earlier outputs
 made from the same inputs keeps every face that is final (and the pausing ones) as it is and
-asks only for the rest; `run --force --fresh` asks for every face. Each row records what
-happened:
+asks only for the rest (`run --force` too); a fresh run (`run_stage(fresh=True)`) asks for
+every face. Each row records what happened:
 
   fidelity = "pass" (first reply), "retry_pass" (second reply), "fallback" (raw text used
   after two failures or no usable reply), "template" (the template backend: no LLM asked)
