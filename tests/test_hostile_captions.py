@@ -5,7 +5,8 @@ Four faces get captions; the server answers three of them faithfully and sends o
 broken reply for the fourth. For each kind: that face falls back to the grammar's text with
 the typed `rewrite_error` (or, for an over-long reply, keeps the capped LLM text flagged
 `reply_truncated`), the other three rows equal those of a run with no fault, the stage is
-`done`, and a forced re-run writes a byte-identical captions.parquet.
+`done`, and a forced re-run writes a byte-identical captions.parquet (each kind's first run is
+fresh: it asks for every face again).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def faithful(messages: list[dict]) -> str:
     return messages[1]["content"].split("Notes: ", 1)[1]
 
 
-def caption_run(settings, shard_id, server: ChatServer, *, force: bool = True):
+def caption_run(settings, shard_id, server: ChatServer, *, force: bool = True, fresh=False):
     caption = CaptionSettings(
         backend="openai",
         base_url=server.base_url,
@@ -165,7 +166,7 @@ def caption_run(settings, shard_id, server: ChatServer, *, force: bool = True):
         retries=1,
     )
     with Pipeline.open(settings.model_copy(update={"caption": caption})) as pipeline:
-        pipeline.run("caption", shard_id, force=force)
+        pipeline.run("caption", shard_id, force=force, fresh=fresh)
         state = pipeline.state.get_stage(shard_id, "caption")
         rows = pq.read_table(state.artifacts["captions.parquet"]["uri"]).to_pylist()
     return state, sorted(rows, key=lambda row: row["face_id"])
@@ -185,7 +186,8 @@ def test_every_broken_reply_falls_back_with_its_reason_and_nothing_else_moves(fa
             return fault if faithful(body["messages"]) == notes[target] else None
 
         with ChatServer(faithful, fault=hook) as server:
-            state, rows = caption_run(settings, shard_id, server)
+            # fresh: every face asked (a plain forced run keeps the faces that are final)
+            state, rows = caption_run(settings, shard_id, server, fresh=True)
             again_state, again = caption_run(settings, shard_id, server)
         problems = []
         if state.status != "done":
@@ -218,7 +220,7 @@ def test_a_huge_reply_becomes_a_capped_caption_flagged_truncated(faces):
         return (text + " ") * (1_000_000 // (len(text) + 1)) if text == notes[target] else text
 
     with ChatServer(reply) as server:
-        state, rows = caption_run(settings, shard_id, server)
+        state, rows = caption_run(settings, shard_id, server, fresh=True)
         _, again = caption_run(settings, shard_id, server)
     row = rows[target]
     limits = CaptionSettings()
@@ -252,7 +254,7 @@ def test_in_process_replies_get_the_same_cap(faces, tmp_path):
         model_path=str(tiny), max_new_tokens=12, temperature=0.0, max_caption_words=3
     )
     with Pipeline.open(settings.model_copy(update={"caption": caption})) as pipeline:
-        outcome = pipeline.run("caption", shard_id, force=True)
+        outcome = pipeline.run("caption", shard_id, force=True, fresh=True)
         rows = pq.read_table(outcome.artifacts["captions.parquet"]["uri"]).to_pylist()
         again = pipeline.run("caption", shard_id, force=True)
     truncated = [row for row in rows if row["rewrite_error"] == "reply_truncated"]
@@ -265,14 +267,17 @@ def test_in_process_replies_get_the_same_cap(faces, tmp_path):
 
 def test_a_refresh_asks_again_for_faces_that_met_a_transient_fault(faces):
     """A face whose server was down gets the grammar's text and counts as retryable; a plain
-    re-run keeps it, a refresh (retry_transient) asks again and captions it."""
+    re-run keeps it, a refresh (retry_transient) asks again and captions it (with no pause
+    between runs here: test_caption_retry_budget.py pins the pauses)."""
     settings, shard_id, notes = faces
     down = {"target": notes[0]}
 
     def hook(number: int, body: dict) -> Fault | None:
         return Fault(status=503) if faithful(body["messages"]) == down["target"] else None
 
-    caption = CaptionSettings(backend="openai", server_model="echo", retries=0)
+    caption = CaptionSettings(
+        backend="openai", server_model="echo", retries=0, face_retry_pause_s=0
+    )
     with ChatServer(faithful, fault=hook) as server:
         caption = caption.model_copy(update={"base_url": server.base_url})
         with Pipeline.open(settings.model_copy(update={"caption": caption})) as pipeline:
