@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from facecaption_airflow.chunks import chunk_params
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
     max_shards_param,
@@ -65,6 +66,7 @@ STAGES = list(stage_registry())
             section="What to work on",
         ),
         "max_shards": max_shards_param(section="What to work on"),
+        **chunk_params(section="What to work on"),
         "force": Param(
             False,
             type="boolean",
@@ -101,6 +103,7 @@ def facecaption_build() -> None:
                 stages=params["stages"],
                 status=params["status"],
                 max_shards=params["max_shards"],
+                after=params["after"],
             )
         return planned_shard_ids(selection, context["ti"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import dag, task
+from facecaption_airflow.chunks import chunk_params
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
     max_shards_param,
@@ -27,6 +28,7 @@ from facecaption.settings import Settings
     **DAG_DEFAULTS,
     params={
         "max_shards": max_shards_param(),
+        **chunk_params(),
     },
 )
 def facecaption_refresh() -> None:
@@ -38,9 +40,13 @@ def facecaption_refresh() -> None:
         with Pipeline.open() as pipeline:
             require_stage_models(pipeline.settings)  # a missing model fails here, not per shard
             sources = pipeline.settings.refresh.sources
-            # new files add their shards; a file that cannot be planned is reported
-            plan_errors = pipeline.plan(sources).errors if sources else {}
-            work = pipeline.select_work(status="work", max_shards=context["params"]["max_shards"])
+            params = context["params"]
+            # new files add their shards (the chain's first run plans them); a file that
+            # cannot be planned is reported
+            plan_errors = pipeline.plan(sources).errors if sources and not params["after"] else {}
+            work = pipeline.select_work(
+                status="work", max_shards=params["max_shards"], after=params["after"]
+            )
         return planned_shard_ids(WorkSelection(work.shard_ids, plan_errors), context["ti"])
 
     process_shards(find_work(), retry_transient=True)

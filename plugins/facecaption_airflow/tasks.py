@@ -11,6 +11,7 @@ import pendulum
 from airflow.sdk import Param, task, task_group
 
 from facecaption.settings import Settings
+from facecaption_airflow.chunks import NextChunkOperator, take_chunk
 from facecaption_airflow.operators import GpuShardStageOperator, ShardStageOperator
 
 # A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
@@ -38,7 +39,7 @@ def max_shards_param(**extra: Any) -> Param:
         type=["null", "integer"],
         minimum=1,
         title="Max shards",
-        description="Work on at most this many shards in this run (the rest in later runs).",
+        description="Work on at most this many shards (over the runs a large selection takes).",
         **extra,
     )
 
@@ -89,8 +90,9 @@ def process_shards(
         return status_totals(rows)
 
     groups = process_shard.expand(shard_id=shard_ids)
-    groups >> summary(shard_ids)
-    groups >> release_task(publish)
+    finals = [summary(shard_ids), release_task(publish)]
+    groups >> finals
+    finals >> NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
 
 
 def release_task(publish: str | bool = True) -> Any:
@@ -121,23 +123,13 @@ PLAN_ERRORS_XCOM = "plan_errors"
 
 
 def planned_shard_ids(selection: Any, task_instance: Any) -> list[str]:
-    """What a plan task returns from a `WorkSelection`: the shard ids to map (checked against
-    max_map_length). Files that could not be planned are printed and pushed to XCom under
-    PLAN_ERRORS_XCOM; the other files' shards run."""
+    """What a plan task returns from a `WorkSelection`: the shard ids to map, this run's chunk
+    of them (at most max_map_length; the next run of the chain takes the rest, see
+    `facecaption_airflow.chunks`). Files that could not be planned are printed and pushed to
+    XCom under PLAN_ERRORS_XCOM; the other files' shards run."""
+    from airflow.sdk import get_current_context
+
     for uri, error in selection.plan_errors.items():
         print(f"could not plan {uri}: {error}")
     task_instance.xcom_push(key=PLAN_ERRORS_XCOM, value=selection.plan_errors)
-    return check_map_length(selection.shard_ids)
-
-
-def check_map_length(shard_ids: list[str]) -> list[str]:
-    """Refuse a plan Airflow would refuse later, with the fix in the message."""
-    from airflow.configuration import conf
-
-    limit = conf.getint("core", "max_map_length")
-    if len(shard_ids) > limit:
-        raise ValueError(
-            f"{len(shard_ids)} shards but [core] max_map_length is {limit}: set Max shards"
-            " (and trigger more runs), filter by status, or raise max_map_length"
-        )
-    return shard_ids
+    return take_chunk(selection.shard_ids, get_current_context()).shard_ids
