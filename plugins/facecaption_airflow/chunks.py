@@ -98,8 +98,9 @@ def take_chunk(shard_ids: list[str], context: Mapping[str, Any]) -> Chunk:
 
 class NextChunkOperator(TriggerDagRunOperator):
     """Trigger the next run of this DAG's chain with the conf the plan task `plan_task_id` left
-    (see `take_chunk`); skipped when its chunk was the last. It runs whatever happened to the
-    shards, so a failed shard never stops the chain (the run that holds it says so)."""
+    (see `take_chunk`); after the chain's last chunk it succeeds without triggering. It runs
+    whatever happened to the shards, so a failed shard never stops the chain (the run that
+    holds it says so)."""
 
     ui_color = "#f3e8fd"
 
@@ -114,11 +115,11 @@ class NextChunkOperator(TriggerDagRunOperator):
         self.plan_task_id = plan_task_id
 
     def execute(self, context: Any) -> None:
-        from airflow.sdk.exceptions import AirflowSkipException
-
         chunk = context["ti"].xcom_pull(task_ids=self.plan_task_id, key=CHUNK_XCOM)
         if not chunk or not chunk["next_conf"]:
-            raise AirflowSkipException("no shards remain: this run was the chain's last")
+            # not a skip: the run's other tasks all succeeding reads as "all done"
+            self.log.info("no shards remain: this run is the last of its chain")
+            return
         self.conf = chunk["next_conf"]
         self.note = (
             f"chunk {self.conf['chunk']} of {chunk['first_run']}: the {chunk['remain']} shards"
