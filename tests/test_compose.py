@@ -66,3 +66,30 @@ def test_compose_refers_only_to_what_the_repo_has():
     dockerfile = (root / "Dockerfile").read_text()
     for copied in ("pyproject.toml", "README.md", "facecaption/", "sql/"):
         assert copied in dockerfile and (root / copied).exists(), copied
+
+
+def test_compose_serves_captions_from_vllm_on_request():
+    """Profile `llm`: a vLLM server on a GPU under the caption model's name, and the workers'
+    caption settings point at it; without the profile the settings are the defaults."""
+    from facecaption.settings import CaptionSettings
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    vllm = compose["services"]["vllm"]
+    assert vllm["profiles"] == ["llm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    command = vllm["command"]
+    served = command[command.index("--served-model-name") + 1]
+    port = command[command.index("--port") + 1]
+    env = compose["x-airflow-common"]["environment"]
+
+    def default(value: str) -> str:  # ${NAME:-default}
+        return value.split(":-", 1)[1].rstrip("}")
+
+    defaults = CaptionSettings()
+    assert default(env["FACECAPTION_CAPTION__BACKEND"]) == defaults.backend
+    assert default(env["FACECAPTION_CAPTION__MODEL"]) == defaults.model == default(served)
+    assert default(env["FACECAPTION_CAPTION__BASE_URL"]) == f"http://vllm:{port}/v1"
+    for volume in vllm["volumes"]:
+        assert volume.split(":", 1)[0] in compose["volumes"]
