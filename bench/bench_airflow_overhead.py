@@ -294,9 +294,12 @@ def main() -> None:
         f" {fetch_cpu:.0f} CPU s ({args.fetch_cpu_per_1000} CPU s per 1,000 images), so the"
         f" overhead is {per_shard / fetch_cpu:.0%} of it; with detection on this CPU"
         f" ({args.detect_cpu_per_image} CPU s per image, {detect_cpu:.0f} s) it is"
-        f" {per_shard / (fetch_cpu + detect_cpu):.1%} of the shard's work. On a GPU, where"
-        " detection is many times faster, the fixed cost weighs more: that is what running a"
-        " shard's GPU stages in one task or a long-lived model server cuts (not measured here).",
+        f" {per_shard / (fetch_cpu + detect_cpu):.1%} of the shard's work. These shares set"
+        " wall seconds on an oversubscribed machine against CPU seconds: read them as upper"
+        " bounds. The cost is per task instance (process start, the DAG file parsed again,"
+        " scheduling), so it does not grow with a shard's rows: bigger shards, a shard's GPU"
+        " stages in one task, or a long-lived model server (the compose file's `vllm`) cut its"
+        " share; on a GPU, where detection is many times faster, it weighs more.",
     ]
     print("\n".join(lines))
     if args.write:
