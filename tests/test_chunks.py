@@ -86,6 +86,7 @@ def test_one_trigger_works_through_five_shards_with_max_map_length_two(
             assert run_id is None  # the last run triggers nothing
             conf = None
             continue
+        assert run_id == f"{first_run}__chunk{len(chunks) + 1}"
         with create_session() as session:
             triggered = session.scalars(select(DagRun).where(DagRun.run_id == run_id)).one()
             assert triggered.state == "queued"  # a scheduler would start it

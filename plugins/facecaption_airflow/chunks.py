@@ -4,7 +4,8 @@ the next run of the same DAG with the same conf plus `after` (the chunk's last s
 is left of `max_shards`, until no shard remains. One trigger thus works through any selection
 as a chain of runs, each an ordinary run: one mapped task group per shard (clear one to re-run
 it), its own summary and release. The plan task leaves the chunk under the XCom key
-CHUNK_XCOM and prints it; each triggered run carries a note saying where it starts."""
+CHUNK_XCOM and prints it; each triggered run is named `<first run id>__chunk<k>` and carries a
+note saying where it starts."""
 
 from __future__ import annotations
 
@@ -121,6 +122,10 @@ class NextChunkOperator(TriggerDagRunOperator):
             self.log.info("no shards remain: this run is the last of its chain")
             return
         self.conf = chunk["next_conf"]
+        # named after the chain (the runs list shows it), and once only: a retry after the
+        # trigger went through finds the run and skips, it does not start a second chain
+        self.trigger_run_id = f"{chunk['first_run']}__chunk{self.conf['chunk']}"
+        self.skip_when_already_exists = True
         self.note = (
             f"chunk {self.conf['chunk']} of {chunk['first_run']}: the {chunk['remain']} shards"
             f" after {self.conf['after']}"
