@@ -35,9 +35,39 @@ class FetchSettings(BaseModel):
     what it writes; the others change how fast it gets there."""
 
     concurrency: int = Field(64, ge=1, description="simultaneous downloads per shard (process)")
-    per_host_concurrency: int = Field(8, ge=1, description="simultaneous requests to one host")
+    per_host_concurrency: int = Field(
+        16, ge=1, description="most simultaneous requests to one host"
+    )
     per_host_rate: float = Field(
-        10.0, ge=0, description="requests per second to one host; 0 for no limit"
+        250.0,
+        ge=0,
+        description="most requests per second to one host: the adaptive rate never goes"
+        " above it; 0: no rate at all (only per_host_concurrency and Retry-After pauses)",
+    )
+    host_start_rate: float = Field(
+        4.0, gt=0, description="requests/s to a host not seen before (nothing learned yet)"
+    )
+    host_min_rate: float = Field(
+        0.5, gt=0, description="the adaptive rate never goes below this (requests/s)"
+    )
+    host_backoff_factor: float = Field(
+        0.5, gt=0, lt=1, description="a host's rate is multiplied by this when it pushes back"
+    )
+    host_recover_s: float = Field(
+        4.0, gt=0, description="seconds after a cut to climb back to the rate that was cut"
+    )
+    host_latency_rise: float = Field(
+        4.0,
+        gt=1,
+        description="answers this many times slower than the host's fastest count as push-back",
+    )
+    host_latency_floor_s: float = Field(
+        1.0, ge=0, description="...and only when slower than this (average seconds to headers)"
+    )
+    host_budget_redis_url: str | None = Field(
+        None,
+        description="a Redis URL: processes fetching at once share one budget per host there;"
+        " unset: each process keeps its own",
     )
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next bytes")

@@ -10,8 +10,8 @@ import pytest
 
 from facecaption.fetch.web.consent import opt_out_directive
 from facecaption.fetch.web.guard import AddressGuard
-from facecaption.fetch.web.hosts import HostLimiter
 from facecaption.fetch.web.robots import RobotsTxt
+from facecaption.fetch.web.throttle import HostThrottle
 from facecaption.settings import FetchSettings
 
 TOKEN = "facecaption"
@@ -182,7 +182,7 @@ def test_consent_reads_every_header_value_and_scopes_each_alone():
 
 def test_host_limiter_never_lets_more_than_concurrency_in():
     async def main() -> int:
-        limiter = HostLimiter(concurrency=2, rate_per_s=0)
+        limiter = HostThrottle(FetchSettings(per_host_concurrency=2, per_host_rate=0))
         inside = most = 0
 
         async def one() -> None:
@@ -201,7 +201,9 @@ def test_host_limiter_never_lets_more_than_concurrency_in():
 
 def test_host_limiter_rate_spaces_starts():
     async def main() -> list[float]:
-        limiter = HostLimiter(concurrency=8, rate_per_s=20)
+        limiter = HostThrottle(
+            FetchSettings(per_host_concurrency=8, per_host_rate=20, host_start_rate=20)
+        )
         loop = asyncio.get_running_loop()
         starts: list[float] = []
 
@@ -219,7 +221,7 @@ def test_host_limiter_rate_spaces_starts():
 
 def test_host_limiter_pause_delays_the_next_start_on_that_host_only():
     async def main() -> tuple[float, float]:
-        limiter = HostLimiter(concurrency=2, rate_per_s=0)
+        limiter = HostThrottle(FetchSettings(per_host_concurrency=2, per_host_rate=0))
         loop = asyncio.get_running_loop()
         began = loop.time()
         limiter.pause("paused", 0.3)
@@ -232,3 +234,14 @@ def test_host_limiter_pause_delays_the_next_start_on_that_host_only():
     other, paused = asyncio.run(main())
     assert other < 0.1
     assert paused >= 0.29
+
+
+def test_robots_crawl_delay_of_our_group_or_the_star_group():
+    robots = RobotsTxt.parse(
+        "User-agent: *\nCrawl-delay: 2\n\nUser-agent: facecaption\nCrawl-delay: 0.5\nAllow: /\n"
+    )
+    assert robots.crawl_delay("facecaption") == 0.5
+    assert robots.crawl_delay("otherbot") == 2.0
+    assert RobotsTxt.parse("User-agent: *\nCrawl-delay: soon\n").crawl_delay("x") is None
+    assert RobotsTxt.parse("User-agent: *\nCrawl-delay: -1\n").crawl_delay("x") is None
+    assert RobotsTxt.parse("User-agent: *\nCrawl-delay: inf\n").crawl_delay("x") is None

@@ -51,6 +51,7 @@ from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageR
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.fetch.retries import row_budget, settle
 from facecaption.fetch.web.downloader import Downloader, retry_later
+from facecaption.fetch.web.throttle import HostRates
 from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
 from facecaption.plan.sources import (
     UnreadableRows,
@@ -279,26 +280,26 @@ async def fetch_rows(
     limits: FetchSettings,
     spool: Spool,
     on_record: Callable[[dict[str, Any]], None] = lambda record: None,
+    hosts: HostRates | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Download and check `rows`, spooling the bytes of images we keep; records by row, each
-    also passed to `on_record` as soon as it is final.
+    also passed to `on_record` as soon as it is final. `hosts` holds the rates to start
+    from, and gets the per-host figures and learned rates at the end.
 
     Memory is bounded by settings, not by the number of rows: at most `concurrency` bodies
     downloading and `concurrency` waiting for their check (each under `max_bytes`); bodies go
     to the spool as soon as they are checked.
     """
     records: dict[int, dict[str, Any]] = {}
-    queue: asyncio.Queue[tuple[SourceRow, URL]] = asyncio.Queue()
-    for item in rows:
-        queue.put_nowait(item)
+    hosts = hosts if hosts is not None else HostRates()
     loop = asyncio.get_running_loop()
     checking = asyncio.Semaphore(limits.concurrency)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as decoder:
 
         async def worker() -> None:
-            while not queue.empty():
-                row, url = queue.get_nowait()
-                download = await downloader.get(url)
+            while (taken := await queue.take()) is not None:
+                _host, (row, url) = taken
+                download = await downloader.get(url, reserved=True)
                 record = _record(row, download.status, download.error)
                 record.update(http_status=download.http_status, attempts=download.attempts)
                 if download.status == "ok":
@@ -325,11 +326,14 @@ async def fetch_rows(
                 records[row.row] = record
                 on_record(record)
 
-        async with Downloader(limits) as downloader:
-            # More workers than connections: a worker waiting for a busy or paused host holds
-            # no connection (the downloader's connector limits those), so other hosts go on.
+        async with Downloader(limits, hosts.start) as downloader:
+            # Rows are handed out by host, only from hosts that may take a request now (see
+            # `throttle`): a paused or slow host holds no worker. More workers than
+            # connections: a worker backing off before a retry holds no connection.
+            queue = downloader.queue([(url, (row, url)) for row, url in rows])
             workers = min(limits.concurrency * WORKERS_PER_CONNECTION, max(1, len(rows)))
             await asyncio.gather(*(worker() for _ in range(workers)))
+            hosts.done(downloader.hosts)
     return records
 
 

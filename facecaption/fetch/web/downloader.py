@@ -15,14 +15,16 @@ in a header, a bad Content-Length or chunk size) is `invalid_response`.
 
 Every hop of a download (redirects are followed here, not by aiohttp) is checked in order:
 scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
-waits for a per-host slot (see `hosts`). Response headers are read before the body: an error
+waits for a per-host slot (see `throttle`: each host's rate adapts to how it answers, and its
+robots.txt `Crawl-delay` caps it). Response headers are read before the body: an error
 status, an `X-Robots-Tag` opt-out or a too-large Content-Length ends the download without
 reading the body; otherwise the body streams in under `max_bytes`. One deadline covers the
 time on the wire of an attempt, redirects and trickling bodies included (time queued for a
 host's slot or pause does not count).
 
 Connection failures, 408/425/429 and 5xx are retried within the run with exponential
-backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead. Timeouts have
+backoff and jitter; a `Retry-After` on 429/503 pauses the whole host instead. Every answer
+(and timeout or failed connection) is reported to the host's throttle. Timeouts have
 their own budget (`timeout_retries`, 0 by default): each costs a full deadline, so they are
 usually better left to the per-URL retry of a later run.
 Everything else is final at the first answer. `retry_later` says which statuses a later run
@@ -37,6 +39,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import aiohttp
 from yarl import URL
@@ -48,8 +51,8 @@ from facecaption.fetch.web.guard import (
     GuardedResolver,
     literal_address,
 )
-from facecaption.fetch.web.hosts import HostLimiter
 from facecaption.fetch.web.robots import RobotsTxt
+from facecaption.fetch.web.throttle import HostQueue, HostThrottle, RateBudget, host_key
 from facecaption.fetch.web.urls import UnusableURL, parse_url, resolve_location
 from facecaption.settings import FetchSettings
 
@@ -60,6 +63,7 @@ RETRY_LATER = RETRY_NOW | {"dns_error", "robots_unavailable"}
 _CHUNK = 64 * 1024
 # aiohttp's parser errors quote the offending line, which a hostile server makes 60 KB long.
 _ERROR_CHARS = 300
+T = TypeVar("T")
 
 
 def retry_later(status: str, http_status: int | None) -> bool:
@@ -89,10 +93,15 @@ class Downloader:
     One downloader serves one shard: its DNS and robots.txt caches live as long as it does.
     """
 
-    def __init__(self, limits: FetchSettings) -> None:
+    def __init__(
+        self,
+        limits: FetchSettings,
+        start_rates: dict[str, float] | None = None,
+        budget: RateBudget | None = None,
+    ) -> None:
         self.limits = limits
         self.guard = AddressGuard(limits.allow_networks)
-        self.hosts = HostLimiter(limits.per_host_concurrency, limits.per_host_rate)
+        self.hosts = HostThrottle(limits, start_rates, budget)
         self._resolver = GuardedResolver(self.guard)
         self._robots: dict[str, asyncio.Future[RobotsTxt | Download]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -122,11 +131,19 @@ class Downloader:
 
     # -- one URL ------------------------------------------------------------------------
 
-    async def get(self, raw_url: object) -> Download:
-        """Download `raw_url`: a `URL` from `parse_url`, or outside text that is parsed here."""
+    def queue(self, items: list[tuple[URL, T]]) -> HostQueue[T]:
+        """`items` queued by their URL's host: `take` hands out one whose host may take a
+        request now, with a slot reserved for it; pass `reserved=True` to `get` with it."""
+        return HostQueue(self.hosts, ((host_key(url.host), item) for url, item in items))
+
+    async def get(self, raw_url: object, reserved: bool = False) -> Download:
+        """Download `raw_url`: a `URL` from `parse_url`, or outside text that is parsed here.
+        With `reserved`, a slot of its host was reserved for it (`queue`)."""
         if isinstance(raw_url, URL):
             url = raw_url
         else:
+            if reserved:
+                raise ValueError("a reserved slot needs a URL that `queue` took")
             try:
                 url = parse_url(raw_url, self.limits.allowed_schemes)
             except UnusableURL as error:
@@ -134,7 +151,10 @@ class Downloader:
         attempt = 0
         while True:
             attempt += 1
-            result = await self._attempt(url, self.limits.max_bytes, check_robots=True)
+            result = await self._attempt(
+                url, self.limits.max_bytes, check_robots=True, reserved=reserved
+            )
+            reserved = False
             budget = (
                 self.limits.timeout_retries if result.status == "timeout" else self.limits.retries
             )
@@ -158,12 +178,18 @@ class Downloader:
         check_robots: bool,
         truncate: bool = False,
         deadline_s: float | None = None,
+        reserved: bool = False,
     ) -> Download:
         """One try, redirects included. With `truncate`, a body over `max_bytes` is cut there
-        instead of refused."""
+        instead of refused; with `reserved`, the first hop has its host's slot already."""
         try:
             return await self._follow(
-                url, max_bytes, check_robots, truncate, deadline_s or self.limits.total_timeout_s
+                url,
+                max_bytes,
+                check_robots,
+                truncate,
+                deadline_s or self.limits.total_timeout_s,
+                reserved,
             )
         except BlockedAddressError as error:
             return Download("blocked_address", error=str(error))
@@ -181,31 +207,71 @@ class Downloader:
             return Download("connection_error", error=f"{type(error).__name__}: {error}")
 
     async def _follow(
-        self, url: URL, max_bytes: int, check_robots: bool, truncate: bool, deadline_s: float
+        self,
+        url: URL,
+        max_bytes: int,
+        check_robots: bool,
+        truncate: bool,
+        deadline_s: float,
+        reserved: bool,
     ) -> Download:
         """Request `url` and the redirects it leads to. The deadline counts time on the wire
-        (connect, wait, body) over all hops, not time queued for a host's slot or pause."""
+        (connect, wait, body) over all hops, not time queued for a host's slot or pause.
+        With `reserved`, the first hop uses the slot reserved for it (given back if the hop
+        is refused before it is sent)."""
+        unused = [reserved]  # the reservation, until the first hop takes it
+        try:
+            return await self._hops(url, max_bytes, check_robots, truncate, deadline_s, unused)
+        finally:
+            if unused[0]:
+                self.hosts.release(host_key(url.host))
+
+    async def _hops(
+        self,
+        url: URL,
+        max_bytes: int,
+        check_robots: bool,
+        truncate: bool,
+        deadline_s: float,
+        unused: list[bool],
+    ) -> Download:
         assert self._session is not None, "use Downloader as an async context manager"
         loop = asyncio.get_running_loop()
         remaining = deadline_s
         status = None
+        reserved = unused[0]
         for _hop in range(self.limits.max_redirects + 1):
             refused = await self._refuse(url, check_robots)
             if refused is not None:
                 return refused
-            async with self.hosts.slot(url.host or ""):
-                started = loop.time()
+            host = host_key(url.host)
+            unused[0] = False
+            # robots.txt itself (fetched without checking robots.txt) is one request per
+            # origin and takes no slot: the rows waiting for it may hold them all
+            slot = self.hosts.slot(host, reserved) if check_robots else self.hosts.unlimited()
+            async with slot as started:
+                reserved = False
                 try:
                     async with (
                         asyncio.timeout(remaining),
                         self._session.get(url, allow_redirects=False) as response,
                     ):
                         status = response.status
+                        if status in (429, 503):
+                            self.hosts.pushed_back(host, started, status)
+                        else:
+                            self.hosts.answered(host, started, loop.time() - started)
                         location = response.headers.get("Location")
                         if status not in REDIRECTS:
                             return await self._read(url, response, max_bytes, truncate)
                 except TimeoutError:
+                    self.hosts.pushed_back(host, started, "timeout")
                     return Download("timeout", error=f"no complete answer in {deadline_s}s")
+                except aiohttp.ClientConnectorDNSError:
+                    raise
+                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+                    self.hosts.pushed_back(host, started, "connection_error")
+                    raise
                 remaining -= loop.time() - started
             try:
                 url = resolve_location(url, location, self.limits.allowed_schemes)
@@ -243,6 +309,9 @@ class Downloader:
                 return robots
             if not robots.allows(self.limits.user_agent_token, url.raw_path_qs):
                 return Download("robots_disallowed", error=f"{url.raw_path} disallowed for us")
+            delay = robots.crawl_delay(self.limits.user_agent_token)
+            if delay:
+                self.hosts.limit_rate(host_key(host), 1.0 / delay)
         return None
 
     async def _read(
@@ -252,7 +321,8 @@ class Downloader:
         if status >= 400:
             retry_after = _retry_after_s(response.headers.get("Retry-After"))
             if retry_after is not None and status in (429, 503):
-                self.hosts.pause(url.host or "", min(retry_after, self.limits.retry_after_max_s))
+                pause = min(retry_after, self.limits.retry_after_max_s)
+                self.hosts.pause(host_key(url.host), pause)
             return Download(
                 "http_error",
                 http_status=status,

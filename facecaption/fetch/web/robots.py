@@ -5,7 +5,8 @@ insensitive), else the `*` group. The longest matching path pattern wins, `allow
 `*` matches any run of characters and a final `$` anchors the end. A missing robots.txt (4xx)
 allows everything; an unreachable one (5xx, timeouts, connection errors) disallows
 everything for now, as the RFC requires, which the fetch stage records as
-`robots_unavailable` so that a later run tries again.
+`robots_unavailable` so that a later run tries again. A `Crawl-delay` (not in the RFC, but
+widely used) in our group is kept: the fetch takes it as a ceiling on the host's rate.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ class RobotsTxt:
     groups: dict[str, list[Rule]] = field(default_factory=dict)
     allow_all: bool = False
     disallow_all: bool = False
+    delays: dict[str, float] = field(default_factory=dict)  # Crawl-delay seconds per agent
 
     @classmethod
     def parse(cls, text: str) -> RobotsTxt:
         groups: dict[str, list[Rule]] = {}
+        delays: dict[str, float] = {}
         agents: list[str] = []
         in_rules = False
         for raw in text.splitlines():
@@ -80,7 +83,18 @@ class RobotsTxt:
                     continue  # an empty disallow allows everything
                 for agent in agents:
                     groups[agent].append(Rule(name == "allow", _normalise(value)))
-        return cls(groups)
+            elif name == "crawl-delay":
+                in_rules = True
+                delay = _seconds(value)
+                if delay is not None:
+                    for agent in agents:
+                        delays[agent] = delay
+        return cls(groups, delays=delays)
+
+    def crawl_delay(self, token: str) -> float | None:
+        """Seconds our group asks between requests, if it asks."""
+        group = token.lower() if token.lower() in self.groups else "*"
+        return self.delays.get(group)
 
     def allows(self, token: str, path: str) -> bool:
         if self.disallow_all:
@@ -98,6 +112,15 @@ class RobotsTxt:
             ):
                 best = rule
         return best is None or best.allow
+
+
+def _seconds(value: str) -> float | None:
+    """A Crawl-delay value: a positive, finite number of seconds, else None."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < float("inf") else None
 
 
 def _normalise(path: str) -> str:

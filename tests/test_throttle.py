@@ -1,0 +1,135 @@
+"""The adaptive per-host rate against real loopback hosts with a capacity (`support.ratesite`):
+a host that gets busy is asked less, a Retry-After pauses that host only, and a slow host
+holds back no other. Assertions count requests and 429s on the server side, never time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+from conftest import LOOPBACK_FETCH
+from PIL import Image
+from support.ratesite import Host, RateSite
+from support.sampledata import encode
+from yarl import URL
+
+from facecaption.fetch.stage import SourceRow, Spool, fetch_rows
+from facecaption.fetch.web.throttle import HostRates
+from facecaption.settings import FetchSettings
+
+PNG = encode(Image.new("L", (16, 16), 128), "PNG")
+
+
+def image(path: str) -> tuple[bytes, str]:
+    # distinct bytes per path (a tEXt chunk would do as well; the decoder ignores what follows)
+    return PNG + path.encode(), "image/png"
+
+
+def limits(**overrides: Any) -> FetchSettings:
+    adaptive = {"per_host_rate": 200, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
+    return FetchSettings(**{**LOOPBACK_FETCH, **adaptive, **overrides})
+
+
+def rows_for(urls: list[str]) -> list[tuple[SourceRow, URL]]:
+    return [(SourceRow(i, url, None, None), URL(url)) for i, url in enumerate(urls)]
+
+
+def fetch(
+    tmp_path: Path, urls: list[str], fetch_limits: FetchSettings, on_record=None, hosts=None
+) -> dict[int, dict[str, Any]]:
+    with Spool(tmp_path / "spool") as spool:
+        return asyncio.run(
+            fetch_rows(
+                rows_for(urls), fetch_limits, spool, on_record or (lambda record: None), hosts
+            )
+        )
+
+
+def test_a_host_whose_capacity_drops_gets_fewer_requests(tmp_path):
+    # no Retry-After: only the learned rate keeps the 429s down
+    busy = Host("127.0.0.2", capacity=0)
+    with RateSite([busy], image) as site:
+        urls = [busy.url(f"img{i}.png") for i in range(260)]
+        at_drop: dict[str, int] = {}
+
+        def on_record(record: dict[str, Any]) -> None:
+            if len(at_drop) == 0 and busy.requests >= 120:
+                at_drop.update(requests=busy.requests, over=busy.over_capacity)
+                busy.set_capacity(10)
+
+        hosts = HostRates()
+        records = fetch(tmp_path, urls, limits(retries=6), on_record, hosts)
+        after_requests = busy.requests - at_drop["requests"]
+        after_over = busy.over_capacity - at_drop["over"]
+        assert site.host("127.0.0.2") is busy
+    assert at_drop["over"] == 0
+    figures = hosts.figures["127.0.0.2"]
+    # it was asked well above 10/s before the drop, and cut after it
+    assert figures.cuts >= 2
+    assert figures.throttled == busy.over_capacity
+    # a fixed rate at the peak would see most of its requests refused after the drop
+    assert after_over <= 0.3 * after_requests, (after_over, after_requests)
+    assert hosts.learned["127.0.0.2"] <= 30
+    assert sum(r["status"] == "ok" for r in records.values()) >= 250
+
+
+def test_retry_after_pauses_that_host_only(tmp_path):
+    # the paused host answers 429 Retry-After: 2 to its second request of each second
+    paused = Host("127.0.0.3", capacity=1, retry_after="2")
+    other = Host("127.0.0.4", capacity=0)
+    events: list[tuple[str, int]] = []
+    with RateSite([paused, other], image):
+        urls = [paused.url(f"p{i}.png") for i in range(4)] + [
+            other.url(f"o{i}.png") for i in range(60)
+        ]
+
+        def on_record(record: dict[str, Any]) -> None:
+            events.append((record["url"].split("/")[2].split(":")[0], other.requests))
+
+        hosts = HostRates()
+        records = fetch(tmp_path, urls, limits(retries=4, host_start_rate=4), on_record, hosts)
+        over = paused.over_capacity
+        paused_requests = paused.requests
+    assert over >= 1
+    figures = hosts.figures["127.0.0.3"]
+    assert figures.paused_s >= 2.0 * over - 0.01
+    assert hosts.figures["127.0.0.4"].paused_s == 0
+    assert hosts.figures["127.0.0.4"].throttled == 0
+    # while the paused host waited, the other went on: between two answers of the paused
+    # host, the other host was asked many times
+    paused_marks = [served for host, served in events if host == "127.0.0.3"]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(paused_marks)]
+    assert max(gaps, default=0) >= 5, (paused_marks, gaps)
+    # every 429 cost one request, not a burst of them
+    assert paused_requests <= 4 + over
+    assert all(r["status"] == "ok" for r in records.values())
+
+
+def test_a_slow_host_holds_back_no_other(tmp_path):
+    # the slow host's rows come first; two in flight at a time, each answer takes 0.4 s
+    slow = Host("127.0.0.5", capacity=0, latency_s=0.4)
+    fast = Host("127.0.0.6", capacity=0)
+    slow_when_fast_done: list[int] = []
+    with RateSite([slow, fast], image):
+        urls = [slow.url(f"s{i}.png") for i in range(30)] + [
+            fast.url(f"f{i}.png") for i in range(30)
+        ]
+        fast_done = 0
+
+        def on_record(record: dict[str, Any]) -> None:
+            nonlocal fast_done
+            if "127.0.0.6" in record["url"]:
+                fast_done += 1
+                if fast_done == 30:
+                    slow_when_fast_done.append(slow.requests)
+
+        fetch_limits = limits(concurrency=4, per_host_concurrency=2, host_start_rate=20)
+        records = fetch(tmp_path, urls, fetch_limits, on_record)
+        most_slow = slow.max_in_flight
+    # first in, first out would have had every worker wait on the slow host first
+    assert slow_when_fast_done and slow_when_fast_done[0] <= 10
+    assert most_slow == 2
+    assert all(r["status"] == "ok" for r in records.values())
