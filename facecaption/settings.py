@@ -64,6 +64,12 @@ class FetchSettings(BaseModel):
     host_latency_floor_s: float = Field(
         1.0, ge=0, description="...and only when slower than this (average seconds to headers)"
     )
+    report_hosts: int = Field(
+        20,
+        ge=0,
+        description="hosts (the most asked) whose requests, 429s, pause and learned rate a"
+        " shard's fetch keeps with its state",
+    )
     host_budget_redis_url: str | None = Field(
         None,
         description="a Redis URL: processes fetching at once share one budget per host there;"

@@ -152,7 +152,10 @@ def test_the_gallery_never_shows_a_face_under_a_takedown(released):  # noqa: F81
         gallery = collect(pipeline)["gallery"]
         with pipeline.state.engine.connect() as conn:
             stored = conn.execute(
-                sa.text("SELECT stats->'thumbnails' FROM stage_stats WHERE shard_id = :s"),
+                sa.text(
+                    "SELECT stats->'thumbnails' FROM stage_stats WHERE shard_id = :s"
+                    " AND stage = 'export'"
+                ),
                 {"s": doomed["shard_id"]},
             ).scalar_one()
     kept = {row["face_id"] for row in release_table(after).to_pylist()}

@@ -10,15 +10,22 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from conftest import LOOPBACK_FETCH
 from PIL import Image
 from support.ratesite import Host, RateSite
 from support.sampledata import encode
+from test_fetch import fetch_source
 from yarl import URL
 
+from facecaption.core.pipeline import Pipeline
 from facecaption.fetch.stage import SourceRow, Spool, fetch_rows
 from facecaption.fetch.web.throttle import HostRates
+from facecaption.release.report import collect
 from facecaption.settings import FetchSettings
+from facecaption.state.hostrates import HostRateStore
 
 PNG = encode(Image.new("L", (16, 16), 128), "PNG")
 
@@ -133,3 +140,59 @@ def test_a_slow_host_holds_back_no_other(tmp_path):
     assert slow_when_fast_done and slow_when_fast_done[0] <= 10
     assert most_slow == 2
     assert all(r["status"] == "ok" for r in records.values())
+
+
+def test_a_shard_keeps_its_hosts_figures(tmp_path, settings):
+    # each host takes one request a second and asks for a one-second pause above it
+    busy = Host("127.0.0.7", capacity=1, retry_after="1")
+    quiet = Host("127.0.0.8", capacity=0)
+    settings = settings.model_copy(
+        update={"fetch": settings.fetch.model_copy(update={"per_host_rate": 200, "retries": 4})}
+    )
+    with RateSite([busy, quiet], image):
+        urls = [busy.url(f"b{i}.png") for i in range(3)] + [quiet.url("q.png")]
+        source = tmp_path / "source.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), source)
+        table, _, state = fetch_source(settings, source)
+        with Pipeline.open(settings) as pipeline:
+            stats, _ = pipeline.state.finished_stats("fetch")
+            report_hosts = collect(pipeline)["hosts"]
+    assert table.column("status").to_pylist() == ["ok"] * 4
+    counts = state.counts
+    assert counts["hosts"] == 2
+    assert counts["host_requests"] == busy.requests + quiet.requests
+    assert counts["host_throttled"] == busy.over_capacity >= 1
+    assert counts["host_paused_ms"] >= 1000 * busy.over_capacity - 1
+    [hosts] = [shard["hosts"] for shard in stats.values()]
+    assert hosts["127.0.0.7"]["requests"] == busy.requests
+    assert hosts["127.0.0.7"]["throttled"] == busy.over_capacity
+    assert hosts["127.0.0.7"]["rate"] > 0 and hosts["127.0.0.8"]["throttled"] == 0
+    assert report_hosts["totals"]["host_throttled"] == busy.over_capacity
+    assert report_hosts["busiest"][0][0] == "127.0.0.7"
+
+
+def test_shard_2_starts_from_the_rate_shard_1_learned(tmp_path, settings):
+    host = Host("127.0.0.9", capacity=20)  # 429 without Retry-After above 20/s
+    settings = settings.model_copy(
+        update={
+            "shard_size": 60,
+            "fetch": settings.fetch.model_copy(update={"per_host_rate": 200, "retries": 6}),
+        }
+    )
+    with RateSite([host], image):
+        urls = [host.url(f"img{i}.png") for i in range(120)]
+        source = tmp_path / "source.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), source)
+        with Pipeline.open(settings) as pipeline:
+            first, second = pipeline.select_shards([str(source)])
+            pipeline.run("fetch", first)
+            after_first = HostRateStore(pipeline.state.engine).load(["127.0.0.9"])
+            pipeline.run("fetch", second)
+            stats, _ = pipeline.state.finished_stats("fetch")
+            after_second = HostRateStore(pipeline.state.engine).load(["127.0.0.9"])
+    one, two = stats[first]["hosts"]["127.0.0.9"], stats[second]["hosts"]["127.0.0.9"]
+    assert one["start_rate"] == settings.fetch.host_start_rate
+    assert one["throttled"] >= 1  # it pushed back, so its rate was learned
+    assert after_first == {"127.0.0.9": pytest.approx(one["rate"], abs=0.001)}
+    assert two["start_rate"] == pytest.approx(one["rate"], abs=0.001)
+    assert after_second["127.0.0.9"] == pytest.approx(two["rate"], abs=0.001)

@@ -37,6 +37,7 @@ from facecaption.core.store import ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import ShardState
 from facecaption.state.dedup import ImageHashIndex
+from facecaption.state.hostrates import HostRateStore
 from facecaption.state.retries import RowRetryLedger
 from facecaption.state.shards import StageState, worker_name
 from facecaption.state.takedowns import TakedownIndex
@@ -158,6 +159,7 @@ def run_stage(
             takedowns=TakedownIndex(state.engine),
             row_retries=RowRetryLedger(state.engine, stage.name),
             forced=force,
+            host_rates=HostRateStore(state.engine),
             fingerprint=wanted,
             previous=current if reusable and not fresh else None,
             inputs=inputs,

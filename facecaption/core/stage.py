@@ -21,6 +21,7 @@ from facecaption.core.errors import PermanentError
 from facecaption.core.store import ArtifactRef, ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import Shard, StageState
+from facecaption.state.hostrates import HostRateStore
 from facecaption.state.retries import RowRetryLedger
 from facecaption.state.takedowns import TakedownIndex
 
@@ -74,6 +75,8 @@ class StageContext:
     # What the fingerprint covers (`shard_inputs` and `settings_inputs`): e.g. the checksums
     # of the input stage's artifacts, which a stage may check what it reads against.
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Learned per-host fetch rates kept across shards (facecaption.state.hostrates).
+    host_rates: HostRateStore | None = None
     # Running counts as the stage goes (see facecaption.core.progress); call it freely.
     progress: Callable[[dict[str, int]], None] = lambda counts: None
     # This stage's rows that failed transiently, across runs (fetch rows, caption faces): how

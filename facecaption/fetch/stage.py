@@ -51,7 +51,7 @@ from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageR
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
 from facecaption.fetch.retries import row_budget, settle
 from facecaption.fetch.web.downloader import Downloader, retry_later
-from facecaption.fetch.web.throttle import HostRates
+from facecaption.fetch.web.throttle import HostRates, host_key
 from facecaption.fetch.web.urls import UnusableURL, parse_url, quote
 from facecaption.plan.sources import (
     UnreadableRows,
@@ -188,7 +188,10 @@ class FetchStage:
                     answered[record["status"]] += 1
                     context.progress({"rows": len(rows), **answered})
 
-                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool, report))
+                hosts = HostRates(learned_rates(context, to_fetch))
+                fetched = asyncio.run(fetch_rows(to_fetch, limits, spool, report, hosts))
+                if context.host_rates is not None:  # the next shard starts from these
+                    context.host_rates.save(hosts.learned)
                 by_row = {**kept, **fetched}
                 records = [by_row[row.row] for row in rows]
                 waiting = settle(records, set(fetched), ledger, limits, now)
@@ -215,10 +218,12 @@ class FetchStage:
                 "reused": len(reused.keys() - refused.keys() - taken_down.keys()),
                 # rows a later run will try again (the runner re-runs a stage that has some)
                 "retryable": sum(retry_later(r["status"], r["http_status"]) for r in records),
+                **hosts.counts(),  # requests, 429/503s and pauses, over all hosts
             },
             artifacts={FETCH_TAR: tar_ref, FETCH_PARQUET: parquet_ref},
             warnings=error_rate_warnings(statuses, limits.warn_error_rate),
             retry_at=next_due(waiting),
+            stats={"hosts": hosts.busiest(limits.report_hosts)},
         )
 
     @staticmethod
@@ -335,6 +340,13 @@ async def fetch_rows(
             await asyncio.gather(*(worker() for _ in range(workers)))
             hosts.done(downloader.hosts)
     return records
+
+
+def learned_rates(context: StageContext, rows: list[tuple[SourceRow, URL]]) -> dict[str, float]:
+    """What earlier shards learned of the rates of the hosts in `rows`."""
+    if context.host_rates is None:
+        return {}
+    return context.host_rates.load(host_key(url.host) for _, url in rows)
 
 
 def skip_taken_down_urls(

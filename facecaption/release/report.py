@@ -38,6 +38,7 @@ from facecaption.core.artifacts import (
     REPORT_NAME,
 )
 from facecaption.core.store import ArtifactStore
+from facecaption.fetch.web.throttle import HOST_COUNTS
 from facecaption.release import report_faces
 from facecaption.release.publish import release_ownership
 from facecaption.release.stats import (
@@ -106,7 +107,7 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
     statuses = {
         name: fetch.get(name, 0)
         for name in sorted(fetch)
-        if name not in {"rows", "bytes", "fetched", "reused", "retryable"}
+        if name not in {"rows", "bytes", "fetched", "reused", "retryable", *HOST_COUNTS}
     }
     gallery_faces = pipeline.settings.export.report_gallery_faces
     merged = merge_stats(export_stats(pipeline).values(), max_crops, gallery_faces)
@@ -141,6 +142,7 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
             "note": merged["quality_note"],
         },
         "throughput": _throughput(pipeline),
+        "hosts": fetch_hosts(pipeline, fetch),
         "detect": report_faces.detect_outcomes(detect),
         "models": report_faces.models_used(merged["models"]),
         "gallery": {
@@ -149,6 +151,51 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
             "candidates": merged["gallery_candidates"],
         },
     }
+
+
+def fetch_hosts(pipeline: Pipeline, fetch: Counter) -> dict[str, Any]:
+    """The fetch's manners: totals over every host, and the most asked hosts' figures merged
+    over the shards that kept them (requests, 429s and pauses summed; the learned rate is
+    the lowest a shard ended at). One query."""
+    stats, _ = pipeline.state.finished_stats("fetch")
+    merged: dict[str, dict[str, float]] = {}
+    for shard in stats.values():
+        for host, figures in (shard.get("hosts") or {}).items():
+            entry = merged.setdefault(host, {"requests": 0, "throttled": 0, "paused_s": 0.0})
+            for name in ("requests", "throttled", "paused_s"):
+                entry[name] += figures.get(name, 0)
+            if figures.get("rate"):
+                entry["rate"] = min(entry.get("rate", figures["rate"]), figures["rate"])
+    top = sorted(merged.items(), key=lambda item: (-item[1]["requests"], item[0]))
+    return {
+        "totals": {name: fetch.get(name, 0) for name in HOST_COUNTS},
+        "busiest": top[: pipeline.settings.fetch.report_hosts],
+    }
+
+
+def render_hosts(hosts: dict[str, Any]) -> str:
+    totals = hosts["totals"]
+    rows = [
+        [
+            host,
+            int(f["requests"]),
+            int(f["throttled"]),
+            f"{f['paused_s']:.1f}",
+            f"{f['rate']:.1f}" if "rate" in f else "",
+        ]
+        for host, f in hosts["busiest"]
+    ]
+    return "".join(
+        [
+            "<h2>Hosts (fetch manners)</h2>",
+            f'<p class="note">{totals["host_requests"]} requests to {totals["hosts"]} hosts'
+            f" (summed over shards); {totals['host_throttled']} answered 429/503; hosts asked us"
+            f" to pause for {totals['host_paused_ms'] / 1000:.1f} s in all. The most asked"
+            " hosts (learned rate: the lowest a shard ended at, requests/s; blank: the host"
+            " never pushed back):</p>",
+            _table(["host", "requests", "429/503", "paused s", "learned rate"], rows, "hosts"),
+        ]
+    )
 
 
 def export_stats(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
@@ -311,6 +358,7 @@ def render(data: dict[str, Any], title: str = "facecaption dataset report") -> s
             colors=[report_faces.status_colour(status) for status, _ in statuses],
         ),
         "</div></div>",
+        render_hosts(data["hosts"]),
         '<div class="grid"><div><h2>Image resolution (shorter side, px)</h2>',
         _bars(
             list(

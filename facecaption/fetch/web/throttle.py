@@ -44,6 +44,8 @@ SLOW_START_STEP = 1.0
 LATENCY_EWMA_WEIGHT = 0.2
 
 T = TypeVar("T")
+# What a shard's counts say of its hosts (`HostRates.counts`).
+HOST_COUNTS = ("hosts", "host_requests", "host_throttled", "host_paused_ms")
 
 
 class RateBudget(Protocol):
@@ -64,9 +66,11 @@ class HostFigures:
     cuts: int = 0  # times the rate was cut
     paused_s: float = 0.0  # time the host asked us (Retry-After) not to send
     rate: float = 0.0  # the rate at the end: what was learned
+    start_rate: float = 0.0  # the rate it started from (learned by an earlier shard, or not)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
+            "start_rate": round(self.start_rate, 3),
             "requests": self.requests,
             "throttled": self.throttled,
             "timeouts": self.timeouts,
@@ -106,6 +110,21 @@ class HostRates:
         self.figures = throttle.figures()
         self.learned = throttle.learned()
 
+    def counts(self) -> dict[str, int]:
+        """Totals over hosts, for a shard's counts."""
+        figures = self.figures.values()
+        return {
+            "hosts": len(self.figures),
+            "host_requests": sum(f.requests for f in figures),
+            "host_throttled": sum(f.throttled for f in figures),
+            "host_paused_ms": round(1000 * sum(f.paused_s for f in figures)),
+        }
+
+    def busiest(self, count: int) -> dict[str, dict[str, float | int]]:
+        """The figures of the `count` hosts asked most (a shard may meet thousands)."""
+        ranked = sorted(self.figures.items(), key=lambda item: (-item[1].requests, item[0]))
+        return {host: figures.as_dict() for host, figures in ranked[:count]}
+
 
 class HostThrottle:
     """Per-host rates, pauses and in-flight counts for one event loop (one shard's fetch)."""
@@ -136,6 +155,7 @@ class HostThrottle:
             # a learned rate was found by pushing back: grow from it as after a cut
             state.slow_start = learned is None
             state.last_pushback_rate = state.rate
+            state.figures.start_rate = state.rate if self.adaptive else 0.0
             self._hosts[host] = state
         return state
 
