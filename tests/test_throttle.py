@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import redis
 from conftest import LOOPBACK_FETCH
 from PIL import Image
 from support.ratesite import Host, RateSite
@@ -22,6 +27,7 @@ from yarl import URL
 
 from facecaption.core.pipeline import Pipeline
 from facecaption.fetch.stage import SourceRow, Spool, fetch_rows
+from facecaption.fetch.web.budget import KEY_PREFIX
 from facecaption.fetch.web.throttle import HostRates
 from facecaption.release.report import collect
 from facecaption.settings import FetchSettings
@@ -196,3 +202,58 @@ def test_shard_2_starts_from_the_rate_shard_1_learned(tmp_path, settings):
     assert after_first == {"127.0.0.9": pytest.approx(one["rate"], abs=0.001)}
     assert two["start_rate"] == pytest.approx(one["rate"], abs=0.001)
     assert after_second["127.0.0.9"] == pytest.approx(two["rate"], abs=0.001)
+
+
+def run_together(processes: int, limits_json: str, urls: list[str]) -> list[dict[str, int]]:
+    """`processes` fetch processes, started at once, each with its share of `urls`."""
+    worker = Path(__file__).parent / "support" / "fetch_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = [
+        subprocess.Popen(
+            [sys.executable, str(worker), limits_json, *urls[index::processes]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for index in range(processes)
+    ]
+    for process in started:
+        assert process.stdout.readline().strip() == "ready"
+    for process in started:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outcomes = []
+    for process in started:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        outcomes.append(json.loads(out.strip().splitlines()[-1]))
+    return outcomes
+
+
+def test_two_processes_share_one_budget_per_host_in_redis():
+    # 10 requests/s, no Retry-After; each process may ask it up to 8/s: alone that is within
+    # its capacity, two of them at once are not, unless they share one budget
+    host = Host("127.0.0.10", capacity=10)
+    redis_url = "redis://127.0.0.1:6379/0"
+    redis.Redis.from_url(redis_url).delete(KEY_PREFIX + "127.0.0.10")
+    settings = {
+        **LOOPBACK_FETCH,
+        "per_host_rate": 8,
+        "host_start_rate": 8,
+        "retries": 0,
+        "respect_robots_txt": False,
+    }
+    with RateSite([host], image):
+        urls = [host.url(f"img{i}.png") for i in range(80)]
+        apart = run_together(2, json.dumps(settings), urls)
+        over_apart, requests_apart = host.over_capacity, host.requests
+        host.requests = host.over_capacity = 0
+        shared = {**settings, "host_budget_redis_url": redis_url}
+        together = run_together(2, json.dumps(shared), urls)
+        over_shared, requests_shared = host.over_capacity, host.requests
+    assert requests_apart == requests_shared == 80
+    assert over_apart > 0, "two processes at 8/s each stayed under 10/s without sharing"
+    assert over_shared == 0
+    assert [outcome.get("ok") for outcome in together] == [40, 40]
+    assert sum(outcome.get("ok", 0) for outcome in apart) == 80 - over_apart

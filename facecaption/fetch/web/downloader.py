@@ -16,7 +16,8 @@ in a header, a bad Content-Length or chunk size) is `invalid_response`.
 Every hop of a download (redirects are followed here, not by aiohttp) is checked in order:
 scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
 waits for a per-host slot (see `throttle`: each host's rate adapts to how it answers, and its
-robots.txt `Crawl-delay` caps it). Response headers are read before the body: an error
+robots.txt `Crawl-delay` caps it; with `host_budget_redis_url`, every process shares one
+budget per host, see `budget`). Response headers are read before the body: an error
 status, an `X-Robots-Tag` opt-out or a too-large Content-Length ends the download without
 reading the body; otherwise the body streams in under `max_bytes`. One deadline covers the
 time on the wire of an attempt, redirects and trickling bodies included (time queued for a
@@ -44,6 +45,7 @@ from typing import TypeVar
 import aiohttp
 from yarl import URL
 
+from facecaption.fetch.web.budget import RedisBudget
 from facecaption.fetch.web.consent import opt_out_directive
 from facecaption.fetch.web.guard import (
     AddressGuard,
@@ -105,8 +107,12 @@ class Downloader:
         self._resolver = GuardedResolver(self.guard)
         self._robots: dict[str, asyncio.Future[RobotsTxt | Download]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._shared: RedisBudget | None = None  # fetch.host_budget_redis_url's budget
 
     async def __aenter__(self) -> Downloader:
+        if self.limits.host_budget_redis_url and self.hosts.adaptive and not self.hosts.budget:
+            self._shared = RedisBudget(self.limits.host_budget_redis_url)
+            self.hosts.budget = self._shared
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self.limits.concurrency,
@@ -128,6 +134,8 @@ class Downloader:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._shared is not None:
+            await self._shared.close()
 
     # -- one URL ------------------------------------------------------------------------
 
