@@ -178,15 +178,15 @@ def test_a_shard_keeps_its_hosts_figures(tmp_path, settings):
 
 
 def test_shard_2_starts_from_the_rate_shard_1_learned(tmp_path, settings):
-    host = Host("127.0.0.9", capacity=20)  # 429 without Retry-After above 20/s
+    host = Host("127.0.0.9", capacity=5)  # 429 without Retry-After above 5/s
     settings = settings.model_copy(
         update={
-            "shard_size": 60,
+            "shard_size": 40,
             "fetch": settings.fetch.model_copy(update={"per_host_rate": 200, "retries": 6}),
         }
     )
     with RateSite([host], image):
-        urls = [host.url(f"img{i}.png") for i in range(120)]
+        urls = [host.url(f"img{i}.png") for i in range(80)]
         source = tmp_path / "source.parquet"
         pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), source)
         with Pipeline.open(settings) as pipeline:

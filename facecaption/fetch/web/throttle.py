@@ -4,7 +4,8 @@ A host starts at `host_start_rate` requests per second and is probed upwards the
 probes a path (slow start, then CUBIC-like growth), and is cut back the way TCP backs off:
 
 - Slow start: every prompt answer raises the rate by `SLOW_START_STEP`, so the rate roughly
-  doubles each second while the host keeps up.
+  doubles each second while the host keeps up. Only a rate in use grows: answers raise it
+  only while the host's requests wait for it (`RATE_LIMITED_SLACK_S`).
 - A push-back (429 or 503, a timeout, a refused or reset connection, or answers much slower
   than the host's best: the latency EWMA above `host_latency_rise` times the fastest answer
   seen and above `host_latency_floor_s`) multiplies the rate by `host_backoff_factor`, once
@@ -40,6 +41,10 @@ from facecaption.settings import FetchSettings
 
 # TCP's slow start adds one segment per ACK: here one request/s per prompt answer.
 SLOW_START_STEP = 1.0
+# A request that starts within this of the earliest time its host's rate allowed was held
+# back by the rate: only then do answers raise the rate (a rate that is not used teaches
+# nothing, as TCP grows only a window it fills).
+RATE_LIMITED_SLACK_S = 0.05
 # Weight of the newest answer in a host's latency average.
 LATENCY_EWMA_WEIGHT = 0.2
 
@@ -91,6 +96,7 @@ class _Host:
     next_start: float = 0.0
     paused_until: float = 0.0
     in_flight: int = 0
+    limited: bool = True  # the last start waited for the rate (see RATE_LIMITED_SLACK_S)
     latency: float | None = None  # EWMA of time to the answer's headers
     best_latency: float = math.inf
     figures: HostFigures = field(default_factory=HostFigures)
@@ -176,6 +182,7 @@ class HostThrottle:
         state = self._host(host)
         now = asyncio.get_running_loop().time()
         state.in_flight += 1
+        state.limited = now - state.next_start <= max(1.0 / state.rate, RATE_LIMITED_SLACK_S)
         state.next_start = max(now, state.next_start) + 1.0 / state.rate
 
     def release(self, host: str) -> None:
@@ -198,6 +205,7 @@ class HostThrottle:
                 await state.freed.wait()
             now = loop.time()
             start = max(now, state.next_start, state.paused_until)
+            state.limited = start - state.next_start <= max(1.0 / state.rate, RATE_LIMITED_SLACK_S)
             state.in_flight += 1
             state.next_start = start + 1.0 / state.rate
             if start > now:
@@ -236,6 +244,8 @@ class HostThrottle:
         if slow:
             self._cut(state, started)
             return
+        if not state.limited:
+            return  # the host was asked less than its rate allows: nothing learned
         if state.slow_start:
             state.rate = self._bounded(state.rate + SLOW_START_STEP, state.ceiling)
             return
