@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         " retry the transient failures at once)",
     )
     run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --force (implied): redo every row and face, the final ones too (fetch asks"
+        " every URL again, caption asks the LLM for every face) and start retry budgets over",
+    )
+    run.add_argument(
         "--retry-transient",
         action="store_true",
         help="also run done stages that left retryable work that is due (fetch rows and caption"
@@ -342,8 +348,9 @@ def _run(args: argparse.Namespace) -> int:
     last = {}
     try:
         for shard_run in run_shards(
-            settings, selection.shard_ids, stages, force=args.force,
-            retry_transient=args.retry_transient, jobs=args.jobs, progress=progress,
+            settings, selection.shard_ids, stages, force=args.force or args.fresh,
+            fresh=args.fresh, retry_transient=args.retry_transient, jobs=args.jobs,
+            progress=progress,
         ):  # fmt: skip
             last[shard_run.shard_id] = shard_run
             if shard_run.busy:

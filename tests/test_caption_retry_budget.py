@@ -22,7 +22,7 @@ from support.processes import settings_environment
 from test_caption import build_attributed_shard
 
 from facecaption.caption.grammar import Grammar
-from facecaption.core.pipeline import Pipeline
+from facecaption.core.pipeline import Pipeline, run_shards
 from facecaption.core.status import format_status, status_json
 from facecaption.settings import CaptionSettings, Settings
 from facecaption.state.retries import RowRetryLedger
@@ -300,3 +300,18 @@ def test_settings_bound_the_budget():
     # neither changes what a caption is: outputs made under another budget stay current
     assert "face_max_runs" not in CaptionSettings(face_max_runs=9).output_settings()
     assert "face_retry_pause_s" not in CaptionSettings().output_settings()
+
+
+def test_run_with_fresh_asks_every_face_again_and_force_alone_does_not(shard, server):
+    """`facecaption run --force` keeps final faces; `--fresh` (run_shards(fresh=True)) asks
+    the LLM for every face again, in the worker processes as in this one."""
+    settings, shard_id, _ = shard
+    settings = with_budget(settings, server)
+    [first] = run_shards(settings, [shard_id], ["caption"])
+    assert first.done and first.outcomes[0].counts["asked"] == 4
+    requests = server.count
+    [forced] = run_shards(settings, [shard_id], ["caption"], force=True)
+    assert forced.outcomes[0].counts["asked"] == 0 and server.count == requests
+    [fresh] = run_shards(settings, [shard_id], ["caption"], force=True, fresh=True, jobs=2)
+    assert fresh.done and fresh.outcomes[0].counts["asked"] == 4
+    assert server.count == requests + 4

@@ -338,16 +338,18 @@ class ShardRun:
 def run_shard(
     settings: Settings, shard_id: str, stages: list[str], force: bool,
     retry_transient: bool = False, wait_s: float = 0, progress: ProgressSink | None = None,
+    fresh: bool = False,
 ) -> ShardRun:  # fmt: skip
     """Run `stages` in order on one shard, stopping at the first failure (recorded in the DB)
     or at a stage another worker holds (after waiting `wait_s` for it). `progress` gets
-    running counts and an event at the end of each stage."""
+    running counts and an event at the end of each stage. `fresh` (with `force`) redoes
+    every row and face, the final ones included."""
     outcomes = []
     with Pipeline.open(settings) as pipeline:
         for stage in stages:
             try:
                 outcome = pipeline.run(
-                    stage, shard_id, force=force, retry_transient=retry_transient,
+                    stage, shard_id, force=force, fresh=fresh, retry_transient=retry_transient,
                     wait_s=wait_s, progress=progress,
                 )  # fmt: skip
             except ShardBusyError as busy:  # running elsewhere, or taken over from us
@@ -379,6 +381,7 @@ def run_shards(
     retry_transient: bool = False,
     jobs: int = 1,
     progress: ProgressSink | None = None,
+    fresh: bool = False,
 ) -> Iterator[ShardRun]:
     """Run stages on shards, `jobs` shards at a time in separate processes (one per core is
     the usual choice: each process downloads with many connections of its own). `progress`
@@ -389,14 +392,16 @@ def run_shards(
     `settings.busy_wait_s` for the other worker (a stage it finished is then skipped here).
     Each shard's last ShardRun says whether its chosen work is done."""
     busy: dict[str, list[str]] = {}
-    first = _run_pass(settings, shard_ids, stages, force, retry_transient, jobs, {}, progress)
+    first = _run_pass(
+        settings, shard_ids, stages, force, retry_transient, jobs, {}, progress, fresh
+    )
     for shard_run in first:
         if shard_run.busy:
             busy[shard_run.shard_id] = stages[len(shard_run.outcomes) :]
         yield shard_run
     if busy and settings.busy_wait_s > 0:
         yield from _run_pass(
-            settings, list(busy), stages, force, retry_transient, jobs, busy, progress
+            settings, list(busy), stages, force, retry_transient, jobs, busy, progress, fresh
         )
 
 
@@ -409,6 +414,7 @@ def _run_pass(
     jobs: int,
     remaining: dict[str, list[str]],
     progress: ProgressSink | None = None,
+    fresh: bool = False,
 ) -> Iterator[ShardRun]:
     """One pass over `shard_ids`; with `remaining` (shard -> stages left), the second one,
     which waits for busy stages."""
@@ -419,7 +425,7 @@ def _run_pass(
     ]
     if jobs <= 1:
         for call in calls:
-            yield run_shard(*call, progress)
+            yield run_shard(*call, progress, fresh=fresh)
         return
     # spawn: a forked child would inherit the parent's DB connections and event loop state
     context = multiprocessing.get_context("spawn")
@@ -431,7 +437,7 @@ def _run_pass(
                 progress(events.get())
 
         pending = {
-            pool.submit(run_shard, *call, events.put if events is not None else None)
+            pool.submit(run_shard, *call, events.put if events is not None else None, fresh=fresh)
             for call in calls
         }
         while pending:
