@@ -9,6 +9,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag, task
 from facecaption_airflow.chunks import chunk_params
+from facecaption_airflow.failures import fail_at_once_if_permanent
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
     max_shards_param,
@@ -87,6 +88,7 @@ STAGES = list(stage_registry())
 )
 def facecaption_build() -> None:
     @task
+    @fail_at_once_if_permanent()
     def plan(**context: Any) -> list[str]:
         from facecaption.core.pipeline import Pipeline
         from facecaption.models.preflight import require_stage_models

@@ -10,6 +10,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 from facecaption_airflow.chunks import chunk_params
+from facecaption_airflow.failures import fail_at_once_if_permanent
 from facecaption_airflow.tasks import (
     DAG_DEFAULTS,
     max_shards_param,
@@ -33,6 +34,7 @@ from facecaption.settings import Settings
 )
 def facecaption_refresh() -> None:
     @task
+    @fail_at_once_if_permanent()
     def find_work(**context: Any) -> list[str]:
         from facecaption.core.pipeline import Pipeline, WorkSelection
         from facecaption.models.preflight import require_stage_models

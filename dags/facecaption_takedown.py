@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from facecaption_airflow.failures import fail_at_once_if_permanent
 from facecaption_airflow.tasks import DAG_DEFAULTS
 
 
@@ -40,6 +41,7 @@ from facecaption_airflow.tasks import DAG_DEFAULTS
 )
 def facecaption_takedown() -> None:
     @task
+    @fail_at_once_if_permanent()
     def record(**context: Any) -> int:
         from facecaption.core.pipeline import Pipeline
         from facecaption.release.takedowns import request_takedown
@@ -54,6 +56,7 @@ def facecaption_takedown() -> None:
         return request_id
 
     @task
+    @fail_at_once_if_permanent()
     def apply(request_id: int) -> dict[str, Any]:
         from facecaption.core.pipeline import Pipeline
         from facecaption.release.publish import publish_release

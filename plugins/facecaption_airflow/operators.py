@@ -4,6 +4,9 @@
 `ShardStageOperator` runs on the default (CPU) queue. GPU stages (detect now; attribute and
 in-process LLM captioning next) use `GpuShardStageOperator`, which routes to `queue="gpu"` and
 the `gpu` pool; the stage loads its model once per task, i.e. once per shard.
+
+A permanent error fails the task at once (no retries); a task instance an operator cleared
+forces its stage (see `failures`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import BaseOperator
+
+from facecaption_airflow.failures import cleared_by_operator, fail_at_once_if_permanent
 
 
 class ShardStageOperator(BaseOperator):
@@ -45,7 +50,12 @@ class ShardStageOperator(BaseOperator):
             # Not skipped: a skip would also skip the later stages, which may be selected.
             self.log.info("%s %s: not selected in this run", self.stage, self.shard_id)
             return {"shard_id": self.shard_id, "stage": self.stage, "status": "not_selected"}
-        with Pipeline.open() as pipeline:
+        ti = context["ti"]
+        if not force and cleared_by_operator(ti.try_number, ti.max_tries, self.retries or 0):
+            self.log.info("%s %s: cleared, so forced (try %s)", self.stage, self.shard_id,
+                          ti.try_number)  # fmt: skip
+            force = True
+        with fail_at_once_if_permanent(), Pipeline.open() as pipeline:
             outcome = pipeline.run(
                 self.stage, self.shard_id, force=force, retry_transient=self.retry_transient
             )

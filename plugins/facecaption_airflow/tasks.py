@@ -1,6 +1,7 @@
 """The per-shard part every facecaption DAG shares: one mapped task group per shard
-(fetch -> detect -> attribute -> caption -> export), a summary, and the release (files,
-manifest, report) at the end. DAG files supply the shard ids."""
+(fetch -> detect -> attribute -> caption -> export), a summary, the release (files,
+manifest, report), and the check that fails the run when a shard or the plan failed
+(see `failures`). DAG files supply the shard ids."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from airflow.sdk import Param, task, task_group
 
 from facecaption.settings import Settings
 from facecaption_airflow.chunks import NextChunkOperator, take_chunk
+from facecaption_airflow.failures import (
+    CHECK_TASK_ID,
+    fail_at_once_if_permanent,
+    run_failures,
+)
 from facecaption_airflow.operators import GpuShardStageOperator, ShardStageOperator
 
-# A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task.
+# A shard busy elsewhere or a state-DB blip is worth another try; bad URLs never fail a task,
+# and permanent errors (a missing model, a bad source) fail at once (see `failures`).
 DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": timedelta(seconds=30),
@@ -51,8 +58,9 @@ def process_shards(
     retry_transient: bool = False,
     publish: str | bool = True,
 ) -> None:
-    """Wire the mapped shard groups, the summary and the release after the task producing
-    `shard_ids`. `publish` (a template in build runs) turns the release step off."""
+    """Wire the mapped shard groups, the summary, the release and the run's check after the
+    task producing `shard_ids`. `publish` (a template in build runs) turns the release step
+    off."""
 
     @task_group
     def process_shard(shard_id: str) -> None:
@@ -80,31 +88,76 @@ def process_shards(
         )
 
     @task(trigger_rule="all_done")
-    def summary(shard_ids: list[str]) -> dict[str, Any]:
+    @fail_at_once_if_permanent()
+    def summary(shard_ids: list[str] | None) -> dict[str, Any]:
         from facecaption.core.pipeline import Pipeline, status_totals
         from facecaption.core.status import format_status
 
+        skip_unless_planned(shard_ids)
         with Pipeline.open() as pipeline:
             rows = pipeline.status(shard_ids)
         print(format_status(rows))
         return status_totals(rows)
 
     groups = process_shard.expand(shard_id=shard_ids)
-    finals = [summary(shard_ids), release_task(publish)]
+    finals = [summary(shard_ids), release_task(publish, shard_ids)]
     groups >> finals
-    finals >> NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
+    # The next chunk is asked for whatever happened here; the check stays the run's only
+    # leaf, so the run's colour is its verdict.
+    next_chunk = NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
+    finals >> next_chunk >> check_task(shard_ids, shard_group_id="process_shard")
 
 
-def release_task(publish: str | bool = True) -> Any:
+def skip_unless_planned(shard_ids: list[str] | None) -> None:
+    """A summary or release after a plan that failed (it left no shard ids) has nothing new
+    to report or publish: it is skipped, and the run's check says why the run failed."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if shard_ids is None:
+        raise AirflowSkipException("the plan did not finish: no shard ran in this run")
+
+
+def check_task(shard_ids: Any, shard_group_id: str) -> Any:
+    """The run's last task: when everything else is done, fail the run (no retries) if a
+    shard's stage failed, the plan failed or a source file could not be planned; the
+    message names each failure (the stage and shard id)."""
+    plan_task_id = shard_ids.operator.task_id
+
+    @task(task_id=CHECK_TASK_ID, trigger_rule="all_done", retries=0)
+    def check(shard_ids: list[str] | None, **context: Any) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+        failures = run_failures(
+            states,
+            shard_ids=shard_ids,
+            plan_task_id=plan_task_id,
+            shard_group_id=shard_group_id,
+            plan_errors=ti.xcom_pull(task_ids=plan_task_id, key=PLAN_ERRORS_XCOM),
+        )
+        if failures:
+            raise AirflowFailException(
+                f"{len(failures)} failure(s) in this run: " + "; ".join(failures)
+            )
+        print(f"every stage of the {len(shard_ids or [])} shard(s) in this run finished")
+
+    return check(shard_ids)
+
+
+def release_task(publish: str | bool, shard_ids: Any) -> Any:
     """The release step: publish the release files and manifest (exporting shards that are not
-    up to date, applying pending takedowns) and write the HTML report."""
+    up to date, applying pending takedowns) and write the HTML report. Skipped when the plan
+    did not finish."""
 
     @task(task_id="release", trigger_rule="all_done")
-    def release(publish: Any) -> dict[str, Any]:
+    @fail_at_once_if_permanent()
+    def release(publish: Any, shard_ids: list[str] | None) -> dict[str, Any]:
         from facecaption.core.pipeline import Pipeline
         from facecaption.release.publish import publish_release
         from facecaption.release.report import write_report
 
+        skip_unless_planned(shard_ids)
         if publish in (False, "False", "false"):
             print("publishing the release is turned off for this run")
             return {"published": False}
@@ -114,7 +167,7 @@ def release_task(publish: str | bool = True) -> Any:
         print(f"release {summary['release']}: {summary['rows']} rows; report {summary['report']}")
         return summary
 
-    return release(publish)
+    return release(publish, shard_ids)
 
 
 # The XCom key under which a plan task leaves {source file: error} for the files it could not
