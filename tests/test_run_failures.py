@@ -5,10 +5,14 @@ instance an operator cleared runs its stage again."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
+from airflow.models.dagrun import DagRun
+from airflow.utils.state import DagRunState
 from facecaption_airflow.failures import (
     cleared_by_operator,
     fail_at_once_if_permanent,
@@ -32,6 +36,15 @@ def dagbag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def test_every_shard_dag_ends_with_the_check_after_the_shards_summary_and_release(dagbag):
+    for dag_id in ("facecaption_build", "facecaption_refresh"):
+        dag = dagbag.get_dag(dag_id)
+        check = dag.get_task("check")
+        assert check.trigger_rule == "all_done" and check.retries == 0
+        assert {t.task_id for t in check.upstream_list} >= {f"{GROUP}.export", "summary", "release"}
+        assert [task.task_id for task in dag.leaves] == ["check"], dag_id
 
 
 def test_permanent_errors_fail_at_once_and_the_others_keep_their_retries() -> None:
@@ -133,9 +146,8 @@ def test_a_failing_shard_fails_the_run_after_the_other_shard_is_released(
         (gone_id,) = pipeline.select_shards([str(gone)])
     gone.unlink()
 
-    run = dagbag.get_dag("facecaption_build").test(
-        run_conf={"source": None, "shard_ids": [good_id, gone_id]}
-    )
+    dag = dagbag.get_dag("facecaption_build")
+    run = dag.test(run_conf={"source": None, "shard_ids": [good_id, gone_id]})
 
     assert run.state == "failed"
     tis = task_instances(run)
@@ -153,6 +165,24 @@ def test_a_failing_shard_fails_the_run_after_the_other_shard_is_released(
     assert (check.state, check.try_number) == ("failed", 1)
     release = Path(settings.artifact_root) / "release"
     assert list(json.loads((release / "manifest.json").read_text())["built_from"]) == [good_id]
+
+    # the file is back; the run -> Clear -> only failed tasks: the failed and not-run tasks
+    # and the check run again (the check after the shard), and the run turns green
+    write_source(sample[3:6], base, gone)
+    rerun = clear_and_run_again(
+        dag, run.run_id, lambda scheduler_dag, session: scheduler_dag.clear(
+            run_id=run.run_id, only_failed=True, dag_run_state="running", session=session
+        ),
+    )  # fmt: skip
+
+    assert rerun.state == "success"
+    tis = task_instances(rerun)
+    assert tis[(f"{GROUP}.fetch", gone_index)].try_number == 2
+    assert tis[(f"{GROUP}.fetch", good_index)].try_number == 1  # not cleared
+    assert tis[("check", -1)].try_number == 2
+    with Pipeline.open(settings) as pipeline:
+        (row,) = pipeline.status([gone_id])
+    assert {state.status for state in row.stages.values()} == {"done"}
 
 
 @pytest.mark.slow
@@ -194,7 +224,14 @@ def test_clearing_a_stage_instance_runs_that_stage_again(
     with Pipeline.open(settings) as pipeline:
         (shard_id,) = pipeline.select_shards([str(source)])
 
-    rerun = clear_and_run_again(dag, run.run_id, f"{GROUP}.detect", map_index=0)
+    def clear_detect(scheduler_dag, session):
+        from airflow.models.taskinstance import clear_task_instances
+
+        run_now = DagRun.find(dag_id=dag.dag_id, run_id=run.run_id, session=session)[0]
+        detect = run_now.get_task_instance(f"{GROUP}.detect", map_index=0, session=session)
+        clear_task_instances([detect], session, dag_run_state=DagRunState.RUNNING)
+
+    rerun = clear_and_run_again(dag, run.run_id, clear_detect)
 
     assert rerun.state == "success"
     detect = task_instances(rerun)[(f"{GROUP}.detect", 0)]
@@ -205,22 +242,20 @@ def test_clearing_a_stage_instance_runs_that_stage_again(
     assert row.stages["fetch"].attempt == row.stages["attribute"].attempt == 1
 
 
-def clear_and_run_again(dag, run_id: str, task_id: str, map_index: int):
-    """Clear one task instance of a finished run as the UI's Clear does, then run what the
-    scheduler would schedule, as `dag.test()` does; the run, reloaded."""
-    from airflow.models.dagrun import DagRun
-    from airflow.models.taskinstance import clear_task_instances
+def clear_and_run_again(dag, run_id: str, clear: Callable[[Any, Any], object]):
+    """Clear task instances of a finished run with `clear(scheduler_dag, session)` (what the
+    UI's and REST's Clear call), then run what the scheduler would schedule until the run
+    ends, as `dag.test()` does; the run, reloaded."""
     from airflow.sdk.definitions.dag import _run_task
     from airflow.serialization.serialized_objects import DagSerialization
     from airflow.utils.session import create_session
-    from airflow.utils.state import DagRunState, TaskInstanceState
+    from airflow.utils.state import TaskInstanceState
 
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
     with create_session() as session:
-        run = DagRun.find(dag_id=dag.dag_id, run_id=run_id, session=session)[0]
-        cleared = run.get_task_instance(task_id, map_index=map_index, session=session)
-        clear_task_instances([cleared], session, dag_run_state=DagRunState.RUNNING)
+        clear(scheduler_dag, session)
         session.commit()
+        run = DagRun.find(dag_id=dag.dag_id, run_id=run_id, session=session)[0]
         run.dag = scheduler_dag
         while run.state == DagRunState.RUNNING:
             session.expire_all()

@@ -101,11 +101,14 @@ def process_shards(
 
     groups = process_shard.expand(shard_id=shard_ids)
     finals = [summary(shard_ids), release_task(publish, shard_ids)]
-    groups >> finals
+    check = check_task(shard_ids, shard_group_id="process_shard")
     # The next chunk is asked for whatever happened here; the check stays the run's only
     # leaf, so the run's colour is its verdict.
     next_chunk = NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
-    finals >> next_chunk >> check_task(shard_ids, shard_group_id="process_shard")
+    groups >> finals >> next_chunk >> check
+    # directly after the shards too: a run cleared for its failed tasks only re-runs the
+    # shards and the check, which must wait for them
+    groups >> check
 
 
 def skip_unless_planned(shard_ids: list[str] | None) -> None:
