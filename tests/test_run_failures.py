@@ -42,7 +42,7 @@ def test_every_shard_dag_ends_with_the_check_after_the_shards_summary_and_releas
     for dag_id in ("facecaption_build", "facecaption_refresh"):
         dag = dagbag.get_dag(dag_id)
         check = dag.get_task("check")
-        assert check.trigger_rule == "all_done" and check.retries == 0
+        assert check.trigger_rule == "all_done"
         assert {t.task_id for t in check.upstream_list} >= {f"{GROUP}.export", "summary", "release"}
         assert [task.task_id for task in dag.leaves] == ["check"], dag_id
 

@@ -121,12 +121,12 @@ def skip_unless_planned(shard_ids: list[str] | None) -> None:
 
 
 def check_task(shard_ids: Any, shard_group_id: str) -> Any:
-    """The run's last task: when everything else is done, fail the run (no retries) if a
-    shard's stage failed, the plan failed or a source file could not be planned; the
-    message names each failure (the stage and shard id)."""
+    """The run's last task: when everything else is done, fail the run (at once: its verdict
+    is AirflowFailException) if a shard's stage failed, the plan failed or a source file
+    could not be planned; the message names each failure (the stage and shard id)."""
     plan_task_id = shard_ids.operator.task_id
 
-    @task(task_id=CHECK_TASK_ID, trigger_rule="all_done", retries=0)
+    @task(task_id=CHECK_TASK_ID, trigger_rule="all_done")
     def check(shard_ids: list[str] | None, **context: Any) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
