@@ -186,6 +186,32 @@ def test_a_failing_shard_fails_the_run_after_the_other_shard_is_released(
 
 
 @pytest.mark.slow
+def test_a_source_file_that_cannot_be_planned_fails_the_run_after_the_others_are_released(
+    tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch
+):
+    use_settings(monkeypatch, settings_env)
+    good = write_source(sample[:3], sample_site.url("").rstrip("/"), tmp_path / "good.parquet")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file")
+
+    run = dagbag.get_dag("facecaption_build").test(
+        run_conf={"source": [str(good), str(broken)], "shard_ids": []}
+    )
+
+    assert run.state == "failed"
+    tis = task_instances(run)
+    assert tis[("plan", -1)].state == "success"  # the good file's shard ran
+    for stage in STAGES:
+        assert tis[(f"{GROUP}.{stage}", 0)].state == "success", stage
+    assert tis[("release", -1)].state == "success"
+    assert tis[("check", -1)].state == "failed"
+    with Pipeline.open(settings) as pipeline:
+        (good_id,) = pipeline.select_shards([str(good)])
+    release = Path(settings.artifact_root) / "release"
+    assert list(json.loads((release / "manifest.json").read_text())["built_from"]) == [good_id]
+
+
+@pytest.mark.slow
 def test_a_plan_refused_fails_the_run_at_once_and_publishes_nothing(
     tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch
 ):
