@@ -43,7 +43,9 @@ def test_every_shard_dag_ends_with_the_check_after_the_shards_summary_and_releas
         dag = dagbag.get_dag(dag_id)
         check = dag.get_task("check")
         assert check.trigger_rule == "all_done"
-        assert {t.task_id for t in check.upstream_list} >= {f"{GROUP}.export", "summary", "release"}
+        assert {t.task_id for t in check.upstream_list} >= {f"{GROUP}.export", "next_chunk"}
+        next_chunk = dag.get_task("next_chunk")
+        assert {t.task_id for t in next_chunk.upstream_list} >= {"summary", "release"}
         assert [task.task_id for task in dag.leaves] == ["check"], dag_id
 
 
