@@ -7,13 +7,17 @@ biggest host takes 500 requests/s, the 8 smallest (1 in 4, the long tail: small 
 rows) take 5/s, the rest 50/s. Every image is a distinct small JPEG (one photo, a comment
 naming its path). The same parquet URL list is fetched by `facecaption run --stage fetch
 --jobs 2` (two shards, two processes, its own Postgres database, DEFAULT fetch settings apart
-from allowing loopback) and by img2dataset (2 processes, `--threads` threads each, from
-`bench/.venv-img2dataset` as `bench_img2dataset.py` makes it), one after the other in one run.
+from allowing loopback), by the same with the OLD fixed per-host limits (`OLD_FIXED`: 8 in
+flight, 10 requests/s, no adaptation) and by img2dataset (2 processes, `--threads` threads
+each, from `bench/.venv-img2dataset` as `bench_img2dataset.py` makes it), one after the other
+in one run.
 
     python bench/bench_hosts.py [--urls 4000] [--threads 64] [--write docs/benchmarks.md]
+    python bench/bench_hosts.py --only-ours --set host_start_rate=16   # trying a setting
 
 "Over-capacity 429s" are the 429s the hosts answered (requests beyond a host's capacity).
-images/s is images kept (ours: status ok; img2dataset: success) over the tool's wall time.
+Useful images/s is images kept (ours: status ok; img2dataset: success) per second, over the
+tool's wall time or (ours) over the fetch stage alone, without starting `facecaption run`.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ BIG_CAPACITY = 500.0
 SMALL_CAPACITY = 5.0
 MID_CAPACITY = 50.0
 SMALL_SHARE = 4  # 1 in 4 hosts is small
+# The per-host limits before the adaptive rate: 8 in flight, 10 requests/s, fixed. The rate
+# is fixed by starting at its maximum; the backoff factor must be below 1, so a cut takes
+# 0.1% (and the climb after it gives that back): no adaptation to speak of.
+OLD_FIXED = {
+    "per_host_concurrency": "8",
+    "per_host_rate": "10",
+    "host_start_rate": "10",
+    "host_backoff_factor": "0.999",
+}
 
 
 READING = [
@@ -112,6 +125,10 @@ class Side:
     over_by_kind: dict[str, int]
     fetch_s: float = 0.0  # ours: the fetch stage alone, without the processes' start
 
+    @property
+    def rows(self) -> int:
+        return sum(self.statuses.values())
+
 
 def server_counts(hosts: list[Host]) -> tuple[int, int, dict[str, int]]:
     kinds: Counter[str] = Counter()
@@ -126,8 +143,17 @@ def reset(hosts: list[Host]) -> None:
         host.requests = host.over_capacity = host.max_in_flight = 0
 
 
-def run_ours(source: Path, work: Path, args: argparse.Namespace, hosts: list[Host]) -> Side:
+def run_ours(
+    name: str,
+    fetch: dict[str, str],
+    source: Path,
+    work: Path,
+    args: argparse.Namespace,
+    hosts: list[Host],
+) -> Side:
+    """`facecaption run --stage fetch` with these fetch settings (besides the defaults)."""
     reset(hosts)
+    work = work / name.replace(" ", "_").replace(",", "")
     with fresh_database(args.admin_db_url) as db_url:
         env = clean_env(
             {
@@ -137,13 +163,15 @@ def run_ours(source: Path, work: Path, args: argparse.Namespace, hosts: list[Hos
                 "FACECAPTION_STORE_ROOT": str(work / "store"),
                 "FACECAPTION_SHARD_SIZE": str(math.ceil(args.urls / args.processes)),
                 "FACECAPTION_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+                **{f"FACECAPTION_FETCH__{key.upper()}": value for key, value in fetch.items()},
             }
         )
+        work.mkdir(parents=True, exist_ok=True)
         cli = [sys.executable, "-m", "facecaption.cli"]
         subprocess.run([*cli, "db", "upgrade"], env=env, capture_output=True, check=True)
         command = [*cli, "run", "--source", str(source), "--stage", "fetch"]
         command += ["--jobs", str(args.processes)]
-        print("ours:", " ".join(command[2:]))
+        print(f"{name}:", " ".join(command[2:]), fetch or "")
         measured = run_measured(command, env, work / "ours.log", args.max_seconds)
         fetch_s = fetch_seconds(db_url)
     statuses: Counter[str] = Counter()
@@ -152,7 +180,7 @@ def run_ours(source: Path, work: Path, args: argparse.Namespace, hosts: list[Hos
             status = row["status"]
             statuses[status + (f" {row['http_status']}" if status == "http_error" else "")] += 1
     requests, over, kinds = server_counts(hosts)
-    side = Side("facecaption", measured, statuses["ok"], statuses, requests, over, kinds)
+    side = Side(name, measured, statuses["ok"], statuses, requests, over, kinds)
     side.fetch_s = fetch_s
     return side
 
@@ -196,9 +224,9 @@ def run_img2dataset(source: Path, work: Path, args: argparse.Namespace, hosts: l
     return Side("img2dataset", measured, statuses["success"], statuses, requests, over, kinds)
 
 
-def report_lines(ours: Side, theirs: Side, args: argparse.Namespace, rows: Counter) -> list[str]:
-    a, b = ours.measured, theirs.measured
-    rate_a, rate_b = ours.kept / a.wall_s, theirs.kept / b.wall_s
+def report_lines(sides: list[Side], args: argparse.Namespace, rows: Counter) -> list[str]:
+    """The table: every facecaption side, then img2dataset (the last side), with ratios."""
+    *ours, theirs = sides
     mib = 1024 * 1024
 
     def ratio(x: float, y: float) -> str:
@@ -207,46 +235,73 @@ def report_lines(ours: Side, theirs: Side, args: argparse.Namespace, rows: Count
     def kinds(side: Side) -> str:
         return ", ".join(f"{k} {side.over_by_kind.get(k, 0)}" for k in ("big", "mid", "small"))
 
+    def useful(side: Side) -> float:
+        return side.kept / side.measured.wall_s
+
+    def useful_fetch(side: Side) -> float:
+        return side.kept / side.fetch_s if side.fetch_s else 0.0
+
+    def row(label: str, value, compare=None, target: str = "") -> list[str]:  # noqa: ANN001
+        """One cell per side, then each of ours against img2dataset (`compare`: the
+        img2dataset figure it is set against, `value(theirs)` by default)."""
+        cells = [str(value(side)) for side in sides]
+        if compare is None:
+            return [label, *cells, *([""] * len(ours)), target]
+        against = compare(theirs)
+        ratios = [ratio(float(value(side)), float(against)) for side in ours]
+        return [label, *cells, *ratios, target]
+
     table = [
-        ("wall seconds", f"{a.wall_s:.1f}", f"{b.wall_s:.1f}", ratio(a.wall_s, b.wall_s), ""),
-        ("... of which the fetch stage", f"{ours.fetch_s:.1f}", "", "", ""),
-        ("images kept", ours.kept, theirs.kept, ratio(ours.kept, theirs.kept), ""),
-        ("images/s", f"{rate_a:.1f}", f"{rate_b:.1f}", ratio(rate_a, rate_b), ">= 2x"),
-        ("requests the hosts saw", ours.requests, theirs.requests, "", ""),
-        ("over-capacity 429s provoked", ours.over, theirs.over, ratio(ours.over, theirs.over),
-         "fewer"),
-        ("... by host (big, mid, small)", kinds(ours), kinds(theirs), "", ""),
-        ("CPU s, whole tree", f"{a.cpu_s:.1f}", f"{b.cpu_s:.1f}", ratio(a.cpu_s, b.cpu_s), ""),
-        ("peak RSS, whole tree (MiB)", f"{a.peak_rss / mib:.0f}", f"{b.peak_rss / mib:.0f}",
-         ratio(a.peak_rss, b.peak_rss), ""),
+        row("wall seconds", lambda s: f"{s.measured.wall_s:.1f}",
+            lambda s: s.measured.wall_s),
+        row("... of which the fetch stage", lambda s: f"{s.fetch_s:.1f}" if s.fetch_s else ""),
+        row("rows settled", lambda s: s.rows),
+        row("images kept", lambda s: s.kept, lambda s: s.kept),
+        row("useful images/s (kept / wall)", lambda s: f"{useful(s):.1f}", useful, ">= 2x"),
+        row("useful images/s, fetch stage alone (img2dataset: its wall)",
+            lambda s: f"{useful_fetch(s):.1f}" if s.fetch_s else f"{useful(s):.1f}", useful),
+        row("requests the hosts saw", lambda s: s.requests),
+        row("over-capacity 429s provoked", lambda s: s.over, lambda s: s.over, "fewer"),
+        row("... by host (big, mid, small)", kinds),
+        row("CPU s, whole tree", lambda s: f"{s.measured.cpu_s:.1f}",
+            lambda s: s.measured.cpu_s),
+        row("peak RSS, whole tree (MiB)", lambda s: f"{s.measured.peak_rss / mib:.0f}",
+            lambda s: s.measured.peak_rss / mib),
     ]  # fmt: skip
     by_kind = Counter()
     for rank, count in rows.items():
         capacity = capacities()[rank]
         by_kind[{BIG_CAPACITY: "big", SMALL_CAPACITY: "small"}.get(capacity, "mid")] += count
+    names = [side.name for side in sides]
+    header = [*names, *(f"{side.name} / {theirs.name}" for side in ours), "target"]
+    old = ", ".join(f"{key} {value}" for key, value in OLD_FIXED.items())
+    settings = (
+        f"default fetch settings{' but ' + args.set_text if args.set_text else ''}"
+        " (loopback allowed), no shared Redis budget (each process learns its own rates)"
+    )
     return [
         f"{args.urls} URLs over {HOSTS} loopback hosts (aiohttp, one process), Zipf rows"
         f" (exponent 1): the big host (500 req/s) holds {by_kind['big']}, the 23 mid hosts"
         f" (50 req/s) {by_kind['mid']}, the 8 small ones (5 req/s, the tail) {by_kind['small']};"
         " each answers 429 `Retry-After: 1` above its capacity (a token bucket holding one"
         " second's worth). Images: distinct 160x160 JPEGs (~6 KB). facecaption: `facecaption"
-        f" run --stage fetch --jobs {args.processes}` ({args.processes} shards), default fetch"
-        " settings (loopback allowed), no shared Redis budget (each process learns its own"
-        f" rates). img2dataset: {args.processes} processes x {args.threads} threads, retries 0"
-        f" (its default), timeout 10. {platform.machine()}, {os.cpu_count()} cores shared with"
-        " other work (this machine runs five other sessions' jobs: ratios from one run, not"
-        " absolute figures).",
+        f" run --stage fetch --jobs {args.processes}` ({args.processes} shards): {settings};"
+        f" the old fixed limits: the same with {old} (8 in flight, 10 req/s, no adaptation: the"
+        f" defaults before the adaptive rate). img2dataset: {args.processes} processes x"
+        f" {args.threads} threads, retries 0 (its default), timeout 10. {platform.machine()},"
+        f" {os.cpu_count()} cores shared with other work (load average {args.load}; this"
+        " machine runs other sessions' jobs: ratios from one run, not absolute figures).",
         "",
-        "| | facecaption | img2dataset | ours / img2dataset | target |",
-        "|---|---:|---:|---:|---|",
-        *(f"| {' | '.join(str(cell) for cell in row)} |" for row in table),
+        f"| | {' | '.join(header)} |",
+        "|---|" + "---:|" * (len(header) - 1) + "---|",
+        *(f"| {' | '.join(str(cell) for cell in cells)} |" for cells in table),
         "",
-        "Row statuses, facecaption: "
-        + ", ".join(f"{s} {n}" for s, n in ours.statuses.most_common()),
-        "",
-        "Row statuses, img2dataset: "
-        + ", ".join(f"{s} {n}" for s, n in theirs.statuses.most_common()),
-        "",
+        *(
+            f"Row statuses, {side.name}: "
+            + ", ".join(f"{s} {n}" for s, n in side.statuses.most_common())
+            + "\n"
+            for side in sides
+        ),
         *READING,
     ]
 
@@ -260,7 +315,20 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="per tool, then killed")
     parser.add_argument("--admin-db-url", default=ADMIN_DB_URL, help="may CREATE DATABASE")
     parser.add_argument("--write", type=Path, help="write the results as markdown here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fetch setting for the defaults side (to try one; the report says so)",
+    )
+    parser.add_argument(
+        "--only-ours", action="store_true", help="the defaults side alone (to try settings)"
+    )
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    args.set_text = ", ".join(f"{key} {value}" for key, value in overrides.items())
+    args.load = ", ".join(f"{load:.1f}" for load in os.getloadavg())
 
     version = ensure_img2dataset()
     print(f"img2dataset {version}; subreaper: {become_subreaper()}")
@@ -286,20 +354,33 @@ def main() -> None:
                 source,
             )
             started = time.perf_counter()
-            ours = run_ours(source, work, args, hosts)
-            print(f"ours: {ours.measured.wall_s:.1f} s, {ours.kept} kept, {ours.over} 429s")
-            print("\n".join(ours.measured.log.splitlines()[-4:]))
+            variants = [("defaults", overrides)]
+            if not args.only_ours:
+                variants.append(("old fixed", OLD_FIXED))
+            sides = []
+            for name, fetch in variants:
+                side = run_ours(name, fetch, source, work, args, hosts)
+                print(
+                    f"{name}: {side.measured.wall_s:.1f} s (fetch {side.fetch_s:.1f} s),"
+                    f" {side.kept} kept, {side.over} 429s {side.over_by_kind}"
+                )
+                print("\n".join(side.measured.log.splitlines()[-4:]))
+                sides.append(side)
+            if args.only_ours:
+                return
             theirs = run_img2dataset(source, work, args, hosts)
             print(f"img2dataset: {theirs.measured.wall_s:.1f} s, {theirs.kept} kept")
-            print(f"both in {time.perf_counter() - started:.0f} s")
-        lines = report_lines(ours, theirs, args, Counter(ranks))
+            print(f"all in {time.perf_counter() - started:.0f} s")
+            sides.append(theirs)
+        lines = report_lines(sides, args, Counter(ranks))
         lines[0] = lines[0].replace("img2dataset:", f"img2dataset {version}:", 1)
         print("\n".join(lines))
         if args.write:
             write_section(
                 args.write,
                 "Many hosts: fast and polite",
-                f"python bench/bench_hosts.py --urls {args.urls} --threads {args.threads}",
+                f"python bench/bench_hosts.py --urls {args.urls} --threads {args.threads}"
+                + "".join(f" --set {item}" for item in args.set),
                 lines,
             )
     finally:
