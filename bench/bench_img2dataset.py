@@ -437,7 +437,8 @@ def run_ours(source: Path, work: Path, args: argparse.Namespace, shard_size: int
         env = clean_env(env)
         subprocess.run([cli, "db", "upgrade"], env=env, capture_output=True, check=True)
         run_help = subprocess.run([cli, "run", "--help"], env=env, capture_output=True, text=True)
-        command = [cli, "run", "--source", str(source)]
+        # the fetch stage alone: the later stages are not compared (and need their models)
+        command = [cli, "run", "--source", str(source), "--stage", "fetch"]
         if "--jobs" in run_help.stdout:
             command += ["--jobs", str(args.processes)]
         else:
@@ -573,7 +574,8 @@ def report_lines(
         f" answer after {args.timeout + 2:g} s; bombs are 30000x30000 PNGs. {platform.machine()},"
         f" {os.cpu_count()} cores, Python {platform.python_version()}.",
         "",
-        f"facecaption: `facecaption run --source` with {args.threads} downloads per process,"
+        "facecaption: `facecaption run --source --stage fetch` with"
+        f" {args.threads} downloads per process,"
         f" {args.timeout:g} s read/total timeout, other settings default (retries 2 with"
         f" backoff){'; ' + ours.note if ours.note else ''}. img2dataset {version}:"
         f" processes_count {args.processes}, thread_count {args.threads}, timeout"
