@@ -214,6 +214,9 @@ class HostThrottle:
             if self.budget is not None:
                 wait = await self.budget.acquire(host, state.rate, max(1.0, state.rate))
                 if wait > 0:
+                    # the shared budget is behind this process's rate: hand out no more of
+                    # this host's rows until then (a worker waiting here serves no other host)
+                    state.next_start = max(state.next_start, loop.time() + wait)
                     await asyncio.sleep(wait)
             state.figures.requests += 1
             yield loop.time()
