@@ -26,7 +26,7 @@ from test_fetch import fetch_source
 from yarl import URL
 
 from facecaption.core.pipeline import Pipeline
-from facecaption.fetch.stage import SourceRow, Spool, fetch_rows
+from facecaption.fetch.stage import WORKERS_PER_CONNECTION, SourceRow, Spool, fetch_rows
 from facecaption.fetch.web.budget import KEY_PREFIX
 from facecaption.fetch.web.throttle import HostRates
 from facecaption.release.report import collect
@@ -257,3 +257,46 @@ def test_two_processes_share_one_budget_per_host_in_redis():
     assert over_shared == 0
     assert [outcome.get("ok") for outcome in together] == [40, 40]
     assert sum(outcome.get("ok", 0) for outcome in apart) == 80 - over_apart
+
+
+def test_a_host_the_shared_budget_holds_back_holds_back_no_other(tmp_path):
+    # another process has emptied the held host's bucket in Redis (5 s of debt at 1/s):
+    # its rows come first, yet the free host's rows are all fetched before the held host
+    # sees a request, because a row waiting on the bucket stops its host's queue
+    held = Host("127.0.0.11", capacity=0)
+    free = Host("127.0.0.12", capacity=0)
+    redis_url = "redis://127.0.0.1:6379/0"
+    client = redis.Redis.from_url(redis_url)
+    client.delete(KEY_PREFIX + "127.0.0.11", KEY_PREFIX + "127.0.0.12")
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    client.hset(
+        KEY_PREFIX + "127.0.0.11", mapping={"tokens": -4, "at": now, "rate": 1, "rate_at": now}
+    )
+    held_when_free_done: list[int] = []
+    with RateSite([held, free], image):
+        urls = [held.url(f"h{i}.png") for i in range(8)] + [
+            free.url(f"f{i}.png") for i in range(20)
+        ]
+        free_done = 0
+
+        def on_record(record: dict[str, Any]) -> None:
+            nonlocal free_done
+            if "127.0.0.12" in record["url"]:
+                free_done += 1
+                if free_done == 20:
+                    held_when_free_done.append(held.requests)
+
+        # one connection: four workers (WORKERS_PER_CONNECTION), as many as the held host
+        # may have in flight
+        fetch_limits = limits(
+            concurrency=1,
+            per_host_concurrency=WORKERS_PER_CONNECTION,
+            host_start_rate=20,
+            respect_robots_txt=False,
+            host_budget_redis_url=redis_url,
+        )
+        records = fetch(tmp_path, urls, fetch_limits, on_record)
+    # without the hold every worker would have ended up asleep on the held host's bucket
+    assert held_when_free_done == [0]
+    assert all(r["status"] == "ok" for r in records.values())
