@@ -1,21 +1,17 @@
-"""The facecaption Airflow plugin: registers the shard view (`facecaption_airflow.shard_view`)
-with Airflow 3's api-server under `/facecaption` and adds a "Shards" page to the UI's
-navigation (Browse menu) that shows it inside the UI (an iframe under `/plugin/shards`).
-Everything else Airflow-facing lives in the `facecaption_airflow` package beside this file
-(which `.airflowignore` keeps the plugin loader out of)."""
+"""The plugins-folder route to the facecaption Airflow plugin (`facecaption_airflow.plugin`),
+for a checkout whose `plugins/` is Airflow's plugins folder. Everything Airflow-facing lives in
+the `facecaption_airflow` package beside this file (which `.airflowignore` keeps the plugin
+loader out of).
+
+Where facecaption is installed (the wheel, or `pip install -e`), its `airflow.plugins` entry
+point registers the plugin: this file then defines nothing, so Airflow registers it once
+rather than reporting the second registration as a plugin import error."""
 
 from __future__ import annotations
 
-from airflow.plugins_manager import AirflowPlugin
-from facecaption_airflow.shard_view import URL_PREFIX, create_app
+from importlib.metadata import entry_points
 
+if not entry_points(group="airflow.plugins", name="facecaption"):
+    from facecaption_airflow.plugin import FacecaptionPlugin
 
-class FacecaptionPlugin(AirflowPlugin):
-    name = "facecaption"
-    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "facecaption"}]
-    # With a url_route the UI embeds the view in its own page; without one it would open the
-    # page in a new browser tab.
-    external_views = [
-        {"name": "Shards", "href": f"{URL_PREFIX}/shards", "destination": "nav",
-         "category": "browse", "url_route": "shards"},
-    ]  # fmt: skip
+    __all__ = ["FacecaptionPlugin"]

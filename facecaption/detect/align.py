@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from facecaption.detect.backends.base import FaceDetection
@@ -138,6 +137,10 @@ def _centred(
 
 def _warp(image: np.ndarray, transform: np.ndarray, side: int, method: str) -> AlignedFace:
     """Warp with bicubic sampling; a clearly shrinking transform first area-averages the source."""
+    # Imported here: the stage registry imports this module, and a fetch-only worker (no `cpu`
+    # or `gpu` extra) has no OpenCV.
+    import cv2
+
     source, sampling = image, transform
     scale = _scale(transform)
     if scale < _AREA_AVERAGE_BELOW_SCALE:
