@@ -1,7 +1,7 @@
 # facecaption Airflow image: the official Airflow image plus the facecaption package.
 #
-#   docker build -t facecaption-airflow .                              # CPU (default)
-#   docker build --build-arg FACECAPTION_EXTRA=gpu -t facecaption-airflow:gpu .
+#   docker build -t facecaption-airflow .                                          # CPU (default)
+#   docker build --build-arg FACECAPTION_EXTRAS=celery,gpu,llm -t facecaption-airflow:gpu .
 #
 # Extends the official image the documented way: system packages as root, then
 # `pip install` as the `airflow` user, pinning apache-airflow to the image's version so
@@ -9,8 +9,9 @@
 ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
 FROM ${AIRFLOW_IMAGE}
 
-# Which optional-dependency group of facecaption to install: cpu | gpu.
-ARG FACECAPTION_EXTRA=cpu
+# Which extras of facecaption to install (pyproject.toml): celery for the CeleryExecutor, cpu
+# or gpu for the detect/attribute runtime, llm (torch + transformers) for in-process captions.
+ARG FACECAPTION_EXTRAS=celery,cpu,llm
 # torch comes from the PyTorch CPU index; the PyPI wheel would drag in GBs of CUDA libs.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -44,22 +45,26 @@ USER airflow
 #    step does not fetch the CUDA build from PyPI.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# 2) The project. Only what the build needs is copied (dags/ and plugins/ are mounted by
-#    docker-compose), so editing a DAG does not invalidate this layer. sql/ is packaged
-#    into the wheel as facecaption/sql (see pyproject.toml).
+# 2) The project. Only what the build needs is copied (dags/ is mounted by docker-compose),
+#    so editing a DAG does not invalidate this layer. sql/ is packaged into the wheel as
+#    facecaption/sql, plugins/facecaption_airflow as facecaption_airflow, whose plugin the
+#    wheel's `airflow.plugins` entry point registers (see pyproject.toml).
 WORKDIR /opt/facecaption
 COPY --chown=airflow:0 pyproject.toml README.md ./
 COPY --chown=airflow:0 facecaption/ ./facecaption/
 COPY --chown=airflow:0 sql/ ./sql/
+COPY --chown=airflow:0 plugins/facecaption_airflow/ ./plugins/facecaption_airflow/
 # Re-stating both pins makes pip fail loudly rather than swap Airflow or pull a CUDA
 # torch if some dependency ever asks for a different version.
 RUN pip install --no-cache-dir \
         "apache-airflow==${AIRFLOW_VERSION}" \
         "torch==${TORCH_VERSION}" \
-        ".[${FACECAPTION_EXTRA}]"
+        ".[${FACECAPTION_EXTRAS}]"
 # insightface depends on the CPU onnxruntime; on GPU images it comes without its dependencies
 # (the gpu extra lists the rest) so onnxruntime-gpu stays the only onnxruntime.
-RUN if [ "${FACECAPTION_EXTRA}" = "gpu" ]; then pip install --no-cache-dir --no-deps insightface; fi
+RUN case ",${FACECAPTION_EXTRAS}," in \
+        *,gpu,*) pip install --no-cache-dir --no-deps insightface ;; \
+    esac
 
 WORKDIR /opt/airflow
 
