@@ -10,26 +10,24 @@ driven only through the public REST API v2, as a user or the UI trigger form wou
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from support.airflow_cluster import BIN, START_TIMEOUT_S, AirflowCluster
+from support.airflow_cluster import client as _client
+from support.airflow_cluster import free_port as _free_port
+from support.airflow_cluster import ok as _ok
+from support.airflow_cluster import wait as _wait
 from support.sampledata import write_source
 
 from facecaption.core.stage import stage_registry
@@ -37,26 +35,10 @@ from facecaption.core.stage import stage_registry
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the virtualenv's bin: airflow and python
 DAG_ID = "facecaption_build"
 SHARD_SIZE = 8  # the sample source's 24 rows: 3 shards
 RERUN_STAGES = ["detect", "attribute"]
 RUN_TIMEOUT_S = 360
-START_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as error:
-        return f"({error})"
-    return text[-chars:]
 
 
 @pytest.fixture
@@ -67,101 +49,6 @@ def airflow_metadata_url(empty_db_url: str) -> str:
         .set(drivername="postgresql+psycopg2")
         .render_as_string(hide_password=False)
     )
-
-
-class AirflowCluster:
-    """Airflow's processes, each in its own process group, logs under `home/proc-logs`."""
-
-    def __init__(self, home: Path, env: dict[str, str], port: int, password: str) -> None:
-        self.home = home
-        self.env = env
-        self.port = port
-        self.password = password
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.marker = env["FACECAPTION_LIVE_AIRFLOW_TEST"]  # every process we start has it
-        self.proc_logs = home / "proc-logs"
-        self.proc_logs.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def airflow(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "airflow"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
-
-    def start(self, name: str, *args: str) -> None:
-        with open(self.proc_logs / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                [str(BIN / "airflow"), *args],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
-        if dead:
-            raise AssertionError(f"Airflow processes exited: {dead}\n{self.diagnostics()}")
-
-    def _ours(self) -> list[psutil.Process]:
-        """Every live process we started, directly or not: descendants of our leaders, and
-        anything carrying our marker (task processes get their own process group and may be
-        orphaned)."""
-        found: dict[int, psutil.Process] = {}
-        for proc in self.procs.values():
-            try:
-                leader = psutil.Process(proc.pid)
-                found[leader.pid] = leader
-                for child in leader.children(recursive=True):
-                    found[child.pid] = child
-            except psutil.NoSuchProcess:
-                pass
-        me = os.getpid()
-        for proc in psutil.process_iter():
-            if proc.pid in found or proc.pid == me:
-                continue
-            try:
-                if proc.environ().get("FACECAPTION_LIVE_AIRFLOW_TEST") == self.marker:
-                    found[proc.pid] = proc
-            except (psutil.Error, OSError):
-                continue
-        return list(found.values())
-
-    def stop(self) -> None:
-        """SIGTERM each process group we started, wait, then SIGKILL whatever is left."""
-        stragglers = self._ours()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            # the scheduler may hang on SIGTERM: killed below
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        for proc in stragglers + self._ours():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(self._ours(), timeout=10)
-
-    def diagnostics(self) -> str:
-        parts = []
-        for path in sorted(self.proc_logs.glob("*.log")):
-            parts.append(f"===== {path.name} =====\n{_tail(path)}")
-        task_logs = sorted((self.home / "logs").glob("dag_id=*/**/*.log"))
-        for path in task_logs[-12:]:
-            parts.append(f"===== {path.relative_to(self.home)} =====\n{_tail(path, 3000)}")
-        return "\n".join(parts)
 
 
 @pytest.fixture
@@ -225,48 +112,6 @@ def airflow_cluster(
         yield cluster
     finally:
         cluster.stop()
-
-
-def _wait(what: str, cluster: AirflowCluster, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        cluster.check_alive()
-        try:
-            result = check()
-        except httpx.TransportError as error:
-            result, last = None, error
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{cluster.diagnostics()}")
-
-
-def _client(cluster: AirflowCluster) -> httpx.Client:
-    """An API client holding a JWT from the simple auth manager's `POST /auth/token`."""
-
-    def healthy() -> bool:
-        response = httpx.get(f"{cluster.base_url}/api/v2/monitor/health", timeout=5)
-        return response.status_code == 200
-
-    _wait("the api-server", cluster, healthy, START_TIMEOUT_S)
-    response = httpx.post(
-        f"{cluster.base_url}/auth/token",
-        json={"username": "admin", "password": cluster.password},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-    token = response.json()["access_token"]
-    return httpx.Client(
-        base_url=cluster.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-
-
-def _ok(response: httpx.Response, *codes: int) -> Any:
-    assert response.status_code in (codes or (200,)), (
-        f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
-    )
-    return response.json()
 
 
 def _trigger(api: httpx.Client, conf: dict[str, Any]) -> str:
