@@ -221,11 +221,19 @@ class NotInstalled:
 
 sys.meta_path.insert(0, NotInstalled())
 
-import facecaption.cli, facecaption.fetch.stage, facecaption.core.pipeline
-from facecaption.core.stage import stage_registry
+import json
 
-stage_registry()
+import facecaption.cli, facecaption.fetch.stage
+from facecaption.core.pipeline import Pipeline
+from facecaption.models.preflight import check_stage_models
+
 code = facecaption.cli.main(sys.argv[1:])
+# What the build DAG's plan task and the refresh do on the default queue: check every stage's
+# model, and select the shards with work.
+with Pipeline.open() as pipeline:
+    problems = {{check.stage: check.problem for check in check_stage_models(pipeline.settings)}}
+    work = pipeline.select_work(status="work").shard_ids
+print("PLAN", json.dumps({{"problems": problems, "work": work}}))
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in MISSING)
 print("LOADED", loaded)
 sys.exit(code)
@@ -233,13 +241,15 @@ sys.exit(code)
 
 
 @pytest.mark.slow
-def test_fetch_only_worker_fetches_without_model_libraries(
+def test_fetch_only_worker_fetches_and_plans_without_model_libraries(
     tmp_path, settings: Settings, settings_env, sample, sample_site
 ):
     source = write_source(sample, sample_site.url("").rstrip("/"), tmp_path / "laion.parquet")
     script = WITHOUT_MODEL_LIBRARIES.format(missing=(*MODEL_MODULES, "airflow"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACECAPTION_")}
     env.update(settings_env)
+    # the packaged RetinaFace, which `auto` resolves to (the cascade would need OpenCV)
+    env["FACECAPTION_DETECT__BACKEND"] = "retinaface"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-c", script, "run", "--source", str(source), "--stage", "fetch"],
@@ -250,6 +260,9 @@ def test_fetch_only_worker_fetches_without_model_libraries(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "LOADED []" in done.stdout
+    [plan] = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("PLAN ")]
+    assert plan["problems"] == dict.fromkeys(["detect", "attribute", "caption"]), plan
+    assert len(plan["work"]) == 1  # the fetched shard: its other stages are still to run
     with Pipeline.open(settings) as pipeline:
         rows = pipeline.status()
     assert rows and {row.stages["fetch"].status for row in rows} == {"done"}, rows

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from facecaption.detect.backends.base import FaceDetection
@@ -62,6 +61,10 @@ def letterbox(image: np.ndarray, side: int) -> tuple[np.ndarray, float, float]:
     scale = min(1.0, side / max(height, width))
     new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
     if (new_width, new_height) != (width, height):
+        # Imported here: the plan task reads PACKAGED_MODEL (the detect stage's identity) on
+        # the default queue, where a fetch-only worker has no OpenCV.
+        import cv2
+
         image = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = PAD_RGB
