@@ -46,6 +46,7 @@ constraints: $(VENV)/.installed
 	  $(BIN)/pip freeze --exclude-editable --exclude facecaption | sed -E 's/^([^=]+==[^+]+)\+.*$$/\1/'; \
 	} > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	touch $(VENV)/.installed  # the virtualenv is what the new file says: no reinstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
