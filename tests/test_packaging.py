@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import zipfile
 from email.parser import Parser
@@ -140,16 +141,36 @@ def test_constraints_pin_what_the_wheel_requires_within_its_ranges(wheel):
     assert {"apache-airflow", "apache-airflow-providers-celery", "celery", "torch"} <= set(pins)
 
 
-def _plugins_seen_by_airflow(python_path: list[Path], plugins_folder: Path, home: Path) -> dict:
-    """What Airflow's plugin manager loads (and reports as import errors), in a process of its
-    own whose sys.path starts with `python_path`."""
+def _airflow_without_facecaption(root: Path) -> tuple[Path, Path]:
+    """A virtualenv with every package of this one but facecaption (an Airflow environment
+    facecaption is not installed in yet): (its python, its site-packages)."""
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(root)], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    [site] = (root / "lib").glob("python*/site-packages")
+    ours = ("facecaption", "_facecaption", "__editable__", "__pycache__")
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(ours):
+            (site / entry.name).symlink_to(entry)
+    return root / "bin" / "python", site
+
+
+def _plugins_seen_by_airflow(
+    python: Path, python_path: list[Path], plugins_folder: Path, home: Path
+) -> dict:
+    """What Airflow's plugin manager loads (and reports as import errors), run by `python`
+    with `python_path` as PYTHONPATH."""
     script = textwrap.dedent(
         """
         import json
         from airflow import plugins_manager
 
         plugins, errors = plugins_manager._get_plugins()
+        import facecaption, facecaption_airflow
+
         print(json.dumps({
+            "from": [facecaption.__file__, facecaption_airflow.__file__],
             "plugins": {p.name: str(p.source) for p in plugins},
             "errors": errors,
             "shard_view": [a["url_prefix"] for p in plugins for a in p.fastapi_apps],
@@ -167,8 +188,12 @@ def _plugins_seen_by_airflow(python_path: list[Path], plugins_folder: Path, home
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         }
     )
+    if not python_path:
+        del env["PYTHONPATH"]
+    home.mkdir(parents=True)
+    # from `home`: `python -c` puts the working directory first on sys.path
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+        [str(python), "-c", script], cwd=home, env=env, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -176,30 +201,31 @@ def _plugins_seen_by_airflow(python_path: list[Path], plugins_folder: Path, home
 
 @pytest.mark.slow
 def test_installed_wheel_registers_the_plugin_once_through_its_entry_point(wheel, tmp_path):
-    site = tmp_path / "site"  # the wheel installed: its files and dist-info on sys.path
+    python, site = _airflow_without_facecaption(tmp_path / "venv")
     with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)
+        archive.extractall(site)  # what `pip install facecaption-*.whl` puts there
     empty = tmp_path / "plugins"
     empty.mkdir()
     # An existing Airflow with its own (empty) plugins folder: the entry point registers it.
-    seen = _plugins_seen_by_airflow([site], empty, tmp_path / "home-a")
+    seen = _plugins_seen_by_airflow(python, [], empty, tmp_path / "home-a")
+    assert all(Path(path).is_relative_to(site) for path in seen["from"]), seen["from"]
     assert seen["errors"] == {}
     assert list(seen["plugins"]) == ["facecaption"]
     assert "facecaption_airflow.plugin:FacecaptionPlugin" in seen["plugins"]["facecaption"]
     assert seen["shard_view"] == ["/facecaption"]
     # Installed and the checkout's plugins/ as the plugins folder as well (compose, dev): one
     # registration, no "already registered" import error.
-    seen = _plugins_seen_by_airflow([site], REPO / "plugins", tmp_path / "home-b")
+    seen = _plugins_seen_by_airflow(python, [], REPO / "plugins", tmp_path / "home-b")
     assert seen["errors"] == {}
     assert list(seen["plugins"]) == ["facecaption"]
 
 
 @pytest.mark.slow
 def test_plugins_folder_registers_the_plugin_without_the_entry_point(tmp_path):
-    """The checkout alone (no installed entry point: a plain PYTHONPATH checkout)."""
-    seen = _plugins_seen_by_airflow([REPO, REPO / "plugins"], REPO / "plugins", tmp_path)
-    if "facecaption_airflow.plugin" in seen["plugins"].get("facecaption", ""):
-        pytest.skip("this environment has facecaption installed with its entry point")
+    """A checkout on PYTHONPATH, facecaption not installed: the plugins folder registers it."""
+    python, _ = _airflow_without_facecaption(tmp_path / "venv")
+    seen = _plugins_seen_by_airflow(python, [REPO], REPO / "plugins", tmp_path / "home")
+    assert [Path(path).parents[1] for path in seen["from"]] == [REPO, REPO / "plugins"]
     assert seen["errors"] == {}
     assert seen["plugins"] == {"facecaption": "$PLUGINS_FOLDER/facecaption_plugin.py"}
 
