@@ -176,7 +176,7 @@ def test_celery_workers_take_their_queues_and_a_failing_shard_fails_its_task(
             state = ok(api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}"))["state"]
             return state if state in ("success", "failed") else None
 
-        wait(f"run {run['dag_run_id']}", cluster, finished, RUN_TIMEOUT_S)
+        run_state = wait(f"run {run['dag_run_id']}", cluster, finished, RUN_TIMEOUT_S)
         tis = _task_instances(api, run["dag_run_id"])
 
     # A task instance that never ran has no rendered map index (the shard id): key by index.
@@ -189,6 +189,12 @@ def test_celery_workers_take_their_queues_and_a_failing_shard_fails_its_task(
             assert states[(f"process_shard.{stage}", index[shard_id])] == "success", report
     [failed] = gone
     assert states[("process_shard.fetch", index[failed])] == "failed", report
+    # its source is gone: a permanent error, so one try; the run's check fails the run
+    [fetch] = [
+        t for t in tis if (t["task_id"], t["map_index"]) == ("process_shard.fetch", index[failed])
+    ]
+    assert fetch["try_number"] == 1, report
+    assert states[("check", -1)] == "failed" and run_state == "failed", report
     for stage in stages[1:]:
         assert states[(f"process_shard.{stage}", index[failed])] == "upstream_failed", report
     assert states[("plan", -1)] == "success", report
