@@ -34,13 +34,10 @@ import sqlalchemy as sa
 from bench_scale import ADMIN_URL, throwaway_db
 from benchreport import write_section
 from sqlalchemy.engine import make_url
+from support.airflow_cluster import BIN, REPO, START_TIMEOUT_S, AirflowCluster, airflow_environment
 from support.statistics_model import build_statistics_model
 from test_airflow_live import (
-    BIN,
     DAG_ID,
-    REPO,
-    START_TIMEOUT_S,
-    AirflowCluster,
     _client,
     _free_port,
     _ok,
@@ -99,64 +96,24 @@ def run_cli(source: Path, env: dict[str, str]) -> float:
     return seconds
 
 
-def cluster_env(home: Path, port: int, metadata_url: str, env: dict[str, str]) -> dict[str, str]:
-    """tests/test_airflow_live.py's Airflow settings (LocalExecutor, Postgres metadata)."""
-    import secrets
-
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FACECAPTION_"))}
-    full.update(env)
-    full.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(REPO),
-            "FACECAPTION_LIVE_AIRFLOW_TEST": uuid.uuid4().hex,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
-            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "2",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW": "4",
-            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
-            "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
-            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
-            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
-            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        }
-    )
-    return full
-
-
 def run_airflow(source: Path, env: dict[str, str], tmp: Path, admin_url: str) -> dict:
     """Start the cluster, wait until the DAG is parsed, then time one triggered build run
     (`publish` off, as the CLI's run does not publish) from the trigger to its end."""
-    import json
     import secrets
 
     home = tmp / "airflow"
     home.mkdir()
     port = _free_port()
     password = secrets.token_urlsafe(12)
-    (home / "passwords.json").write_text(json.dumps({"admin": password}))
     with empty_db(admin_url) as url:
-        cluster = AirflowCluster(
-            home, cluster_env(home, port, url.render_as_string(hide_password=False), env), port,
-            password,
+        # tests/test_airflow_live.py's cluster: LocalExecutor, Postgres metadata
+        full = airflow_environment(
+            home, port, url.render_as_string(hide_password=False), password,
+            core__executor="LocalExecutor", core__parallelism=str(PARALLELISM),
         )  # fmt: skip
+        full.update(env)
+        full["PYTHONPATH"] = str(REPO)
+        cluster = AirflowCluster(home, full, port, password)
         migrate = cluster.airflow("db", "migrate", timeout=START_TIMEOUT_S)
         if migrate.returncode:
             raise RuntimeError(f"airflow db migrate: {migrate.stderr[-2000:]}")

@@ -10,11 +10,7 @@ driven only through the public REST API v2, as a user or the UI trigger form wou
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import secrets
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from support.airflow_cluster import BIN, START_TIMEOUT_S, AirflowCluster
+from support.airflow_cluster import START_TIMEOUT_S, AirflowCluster, airflow_environment
 from support.airflow_cluster import client as _client
 from support.airflow_cluster import free_port as _free_port
 from support.airflow_cluster import ok as _ok
@@ -59,49 +55,12 @@ def airflow_cluster(
     home.mkdir()
     port = _free_port()
     password = secrets.token_urlsafe(12)
-    passwords_file = home / "passwords.json"
-    passwords_file.write_text(json.dumps({"admin": password}))
-    # PYTHONPATH stays: a checkout tested with another checkout's virtualenv points it here
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FACECAPTION_"))}
+    env = airflow_environment(
+        home, port, airflow_metadata_url, password,
+        core__executor="LocalExecutor", core__parallelism="2",
+    )  # fmt: skip
     env.update(settings_env)
-    env.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FACECAPTION_SHARD_SIZE": str(SHARD_SIZE),
-            "FACECAPTION_LIVE_AIRFLOW_TEST": uuid.uuid4().hex,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "2",
-            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_metadata_url,
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "2",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW": "4",
-            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
-            "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
-            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
-            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
-            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        }
-    )
-    if importlib.util.find_spec("asyncpg") is None:
-        # Airflow derives an async URL (postgresql+asyncpg) from sql_alchemy_conn and imports
-        # asyncpg on startup (a dependency of this project); without it, turn the async
-        # engine off. Nothing this test calls uses it (dag-run `wait`, multi-team, state store).
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = ""
+    env["FACECAPTION_SHARD_SIZE"] = str(SHARD_SIZE)
     cluster = AirflowCluster(home, env, port, password)
     migrate = cluster.airflow("db", "migrate", timeout=START_TIMEOUT_S)
     assert migrate.returncode == 0, f"airflow db migrate:\n{migrate.stdout}\n{migrate.stderr}"

@@ -20,6 +20,7 @@ from conftest import REPO
 from support.chatserver import ChatServer, Fault
 from support.processes import settings_environment
 from test_caption import build_attributed_shard
+from test_fetch_retry_budget import time_passes
 
 from facecaption.caption.grammar import Grammar
 from facecaption.core.pipeline import Pipeline, run_shards
@@ -76,22 +77,6 @@ def with_budget(settings: Settings, server: ChatServer, **budget: object) -> Set
         **budget,
     )
     return settings.model_copy(update={"caption": caption})
-
-
-def time_passes(pipeline: Pipeline, shard_id: str, duration: timedelta) -> None:
-    """Move every recorded moment of the shard's retry budgets back by `duration`."""
-    with pipeline.state.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "UPDATE row_retries SET tried_at = tried_at - :d, due_at = due_at - :d"
-                " WHERE shard_id = :s"
-            ),
-            {"d": duration, "s": shard_id},
-        )
-        conn.execute(
-            sa.text("UPDATE shard_stages SET retry_at = retry_at - :d WHERE shard_id = :s"),
-            {"d": duration, "s": shard_id},
-        )
 
 
 def captions(pipeline: Pipeline, shard_id: str) -> list[dict]:
