@@ -200,8 +200,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_attributes_parser(model_commands) -> None:  # noqa: ANN001
-    from facecaption.attribute.celeba import ALIGN_CHOICES
-    from facecaption.attribute.training import CALIBRATIONS, PRECISIONS, TrainingConfig
+    from facecaption.attribute.options import (
+        ALIGN_CHOICES,
+        CALIBRATIONS,
+        PRECISIONS,
+        TrainingConfig,
+    )
 
     defaults = TrainingConfig(dataset="", backbone="", name="", work_dir=None)  # type: ignore[arg-type]
     train = model_commands.add_parser(

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.attribute.options import ALIGN_CHOICES
 from facecaption.core.errors import PermanentError
 
 SPLITS = ("train", "valid", "test")
@@ -54,7 +55,6 @@ LANDMARK_COLUMNS = (
 CELEBA_MEAN_LANDMARKS = np.array(
     [[69.0, 111.0], [108.0, 111.0], [88.0, 134.0], [72.0, 152.0], [106.0, 152.0]]
 )
-ALIGN_CHOICES = ("auto", "landmarks", "detector", "celeba-mean")
 
 
 class DatasetError(PermanentError, ValueError):

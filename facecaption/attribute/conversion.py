@@ -42,10 +42,10 @@ import numpy as np
 
 from facecaption.attribute.backends.onnx import AttributeModelSpec
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.attribute.options import INPUT_SIZE
 from facecaption.core.errors import PermanentError
 
 OPSET = 17
-INPUT_SIZE = 256  # He et al.'s preprocessing; the attribute models' default input side
 TOLERANCE = 1e-3
 CHECK_BATCH = 2
 

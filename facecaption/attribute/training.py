@@ -35,7 +35,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,54 +49,22 @@ from facecaption.attribute.celeba import (
     landmark_source,
     load_splits,
 )
-from facecaption.attribute.conversion import INPUT_SIZE
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES
+from facecaption.attribute.options import (
+    CALIBRATIONS,
+    PRECISIONS,
+    RESUME_KEYS,
+    TrainingConfig,
+)
 from facecaption.core.errors import PermanentError
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CALIBRATIONS = ("auto", "temperature", "platt")
-# The settings a checkpoint must share with the run that resumes it.
-RESUME_KEYS = (
-    "dataset", "backbone", "epochs", "batch_size", "lr", "weight_decay", "warmup_fraction",
-    "input_size", "balanced", "align", "seed", "limit",
-)  # fmt: skip
 
 
 class TrainingError(PermanentError, ValueError):
     """The backbone, the settings or the checkpoint cannot make a model; the message says why."""
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    dataset: str  # Hub id[:config] or a local folder (facecaption.attribute.celeba)
-    backbone: str  # Hub id or local folder of a transformers image model
-    name: str  # the model's name in the cache
-    work_dir: Path  # checkpoints, landmark caches, the trained weights before export
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    input_size: int = INPUT_SIZE
-    precision: str = "auto"
-    balanced: bool = False
-    calibration: str = "auto"  # auto: platt when balanced (it shifts priors), else temperature
-    checkpoint_every: int = 500
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
-    align: str = "auto"
-    seed: int = 0
-    limit: int | None = None  # rows per split, for a quick try
-    device: str | None = None
-    replace: bool = False
-    restart: bool = False
-    backbone_revision: str | None = None  # Hub: branch, tag or commit (resolved and recorded)
-    dataset_revision: str | None = None
-
-    def resume_settings(self) -> dict:
-        return {key: getattr(self, key) for key in RESUME_KEYS}
 
 
 @dataclass
