@@ -193,8 +193,6 @@ def install_trained_model(
     report: dict,
     record: dict,
     check_crops: list[np.ndarray],
-    *,
-    label: str = "",
 ) -> InstalledModel:
     """Fold `calibration` into `model`, export, check, install (see the module docstring)."""
     from facecaption.attribute.conversion import export_onnx
@@ -216,7 +214,7 @@ def install_trained_model(
         folder = scratch / name
         save_transformers(model, spec, folder, {k: v for k, v in record.items() if k != "metrics"})
         record["export_check"] = check_exports(model, spec, onnx_file, folder, check_crops)
-        card = model_card(name, record, evaluation_markdown(report, label=label))
+        card = model_card(name, record, evaluation_markdown(report))
         (scratch / f"{name}{CARD_SUFFIX}").write_text(card)
         target_onnx.parent.mkdir(parents=True, exist_ok=True)
         if target_folder.exists():

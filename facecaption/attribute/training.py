@@ -449,8 +449,6 @@ def train_and_install(
     settings,  # noqa: ANN001
     *,
     command: str = "",
-    label: str = "",
-    on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainedModel:
     """The whole `train-attributes` command (the module docstring's steps 1-5)."""
@@ -472,7 +470,7 @@ def train_and_install(
         backbone_revision=backbone_commit,
     )
     prepared = prepare_data(config, settings, log)
-    run = train(config, settings, on_step=on_step, log=log, prepared=prepared)
+    run = train(config, settings, log=log, prepared=prepared)
     splits, landmarks, _ = prepared
     valid = predict_logits(run.model, splits["valid"], landmarks["valid"], run.spec, config)
     test = predict_logits(run.model, splits["test"], landmarks["test"], run.spec, config)
@@ -492,7 +490,7 @@ def train_and_install(
         "backbone": backbone,
         "command": command,
         "training": {
-            "settings": {k: v for k, v in config.resume_settings().items()},
+            "settings": config.resume_settings(),
             "precision": config.precision,
             "alignment": run.alignment,
             "steps": run.steps,
@@ -501,6 +499,6 @@ def train_and_install(
         },
     }
     installed = install_trained_model(
-        cache, run.model, run.spec, calibration, report, record, crops, label=label
+        cache, run.model, run.spec, calibration, report, record, crops
     )
     return TrainedModel(installed, run, report)
