@@ -107,7 +107,7 @@ def facecaption_build() -> None:
                 max_shards=params["max_shards"],
                 after=params["after"],
             )
-        return planned_shard_ids(selection, context["ti"])
+        return planned_shard_ids(selection, context)
 
     process_shards(
         plan(),

@@ -49,7 +49,7 @@ def facecaption_refresh() -> None:
             work = pipeline.select_work(
                 status="work", max_shards=params["max_shards"], after=params["after"]
             )
-        return planned_shard_ids(WorkSelection(work.shard_ids, plan_errors), context["ti"])
+        return planned_shard_ids(WorkSelection(work.shard_ids, plan_errors), context)
 
     process_shards(find_work(), retry_transient=True)
 

@@ -18,7 +18,8 @@ from airflow.models.taskinstance import TaskInstance
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-STAGE_GROUP = "process_shard"  # the task group `tasks.process_shards` maps over shards
+from facecaption_airflow.failures import STAGE_GROUP
+
 # Task instance states that mean the stage's task did not get through, whatever the state DB
 # says (a failure raised before the stage could record anything, e.g. the state DB away).
 TASK_FAILED_STATES = frozenset({"failed", "upstream_failed", "up_for_retry"})

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from facecaption.core.errors import is_permanent
 
 CHECK_TASK_ID = "check"
+STAGE_GROUP = "process_shard"  # the task group `tasks.process_shards` maps over shards
 FAILED = "failed"
 UPSTREAM_FAILED = "upstream_failed"
 # get_task_states names a mapped task instance "{task_id}_{map_index}"

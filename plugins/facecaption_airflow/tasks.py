@@ -15,6 +15,7 @@ from facecaption.settings import Settings
 from facecaption_airflow.chunks import NextChunkOperator, take_chunk
 from facecaption_airflow.failures import (
     CHECK_TASK_ID,
+    STAGE_GROUP,
     fail_at_once_if_permanent,
     run_failures,
 )
@@ -62,7 +63,7 @@ def process_shards(
     task producing `shard_ids`. `publish` (a template in build runs) turns the release step
     off."""
 
-    @task_group
+    @task_group(group_id=STAGE_GROUP)
     def process_shard(shard_id: str) -> None:
         def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
             return operator(
@@ -101,7 +102,7 @@ def process_shards(
 
     groups = process_shard.expand(shard_id=shard_ids)
     finals = [summary(shard_ids), release_task(publish, shard_ids)]
-    check = check_task(shard_ids, shard_group_id="process_shard")
+    check = check_task(shard_ids, shard_group_id=STAGE_GROUP)
     # The next chunk is asked for whatever happened here; the check stays the run's only
     # leaf, so the run's colour is its verdict.
     next_chunk = NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
@@ -178,14 +179,12 @@ def release_task(publish: str | bool, shard_ids: Any) -> Any:
 PLAN_ERRORS_XCOM = "plan_errors"
 
 
-def planned_shard_ids(selection: Any, task_instance: Any) -> list[str]:
+def planned_shard_ids(selection: Any, context: Any) -> list[str]:
     """What a plan task returns from a `WorkSelection`: the shard ids to map, this run's chunk
     of them (at most max_map_length; the next run of the chain takes the rest, see
     `facecaption_airflow.chunks`). Files that could not be planned are printed and pushed to
     XCom under PLAN_ERRORS_XCOM; the other files' shards run."""
-    from airflow.sdk import get_current_context
-
     for uri, error in selection.plan_errors.items():
         print(f"could not plan {uri}: {error}")
-    task_instance.xcom_push(key=PLAN_ERRORS_XCOM, value=selection.plan_errors)
-    return take_chunk(selection.shard_ids, get_current_context()).shard_ids
+    context["ti"].xcom_push(key=PLAN_ERRORS_XCOM, value=selection.plan_errors)
+    return take_chunk(selection.shard_ids, context).shard_ids
