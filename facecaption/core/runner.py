@@ -23,6 +23,7 @@ row's last error (`record_refusal`), so the shard view can say why the stage did
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -184,19 +185,21 @@ def run_stage(
 
 
 def _record_refusal(state: ShardState, shard_id: str, stage: str, error: Exception) -> None:
-    """Record why the stage did not start (see `_record_failure` for a state DB away)."""
-    try:
-        state.record_refusal(shard_id, stage, f"{type(error).__name__}: {error}")
-    except sa.exc.DBAPIError as unrecorded:
-        error.add_note(f"(not recorded in the state DB: {type(unrecorded).__name__})")
+    """Record why the stage did not start."""
+    _record(error, lambda text: state.record_refusal(shard_id, stage, text))
 
 
 def _record_failure(
     state: ShardState, shard_id: str, stage: str, attempt: int, error: BaseException
 ) -> None:
-    """Record the attempt's own error; if even that fails (the state DB is away), say so on
-    the error that is raised, never in place of it."""
+    """Record the attempt's own error."""
+    _record(error, lambda text: state.mark_failed(shard_id, stage, attempt, text))
+
+
+def _record(error: BaseException, write: Callable[[str], None]) -> None:
+    """Write `error` to the state DB; if even that fails (the state DB is away), say so on the
+    error that is raised, never in place of it."""
     try:
-        state.mark_failed(shard_id, stage, attempt, f"{type(error).__name__}: {error}")
+        write(f"{type(error).__name__}: {error}")
     except sa.exc.DBAPIError as unrecorded:
         error.add_note(f"(not recorded in the state DB: {type(unrecorded).__name__})")
