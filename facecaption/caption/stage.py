@@ -124,11 +124,7 @@ class CaptionStage:
         budget = face_budget(limits)
         now = datetime.now(UTC)
         # faces that met a transient fault before: runs used, and when each is due again
-        ledger = (
-            context.row_retries.rows(shard.shard_id)
-            if context.previous and context.row_retries is not None
-            else {}
-        )
+        ledger = context.earlier_retries()
         pausing = budget.pausing(ledger, now, context.forced)
         done = (
             {
@@ -155,8 +151,7 @@ class CaptionStage:
         with store.publish(path) as tmp:
             write_parquet(rows, CAPTIONS_SCHEMA, tmp)
             ref = store.describe(path, tmp)
-        if context.row_retries is not None:  # what the published faces leave to later runs
-            context.row_retries.replace(shard.shard_id, waiting)
+        context.keep_retries(waiting)
         fidelity = Counter(row["fidelity"] for row in rows)
         rewrite_errors = Counter(row["rewrite_error"] for row in rows if row["rewrite_error"])
         raw = text_stats(row["raw_text"] for row in rows)

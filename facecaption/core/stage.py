@@ -22,7 +22,7 @@ from facecaption.core.store import ArtifactRef, ArtifactStore
 from facecaption.settings import Settings
 from facecaption.state import Shard, StageState
 from facecaption.state.hostrates import HostRateStore
-from facecaption.state.retries import RowRetryLedger
+from facecaption.state.retries import RowRetry, RowRetryLedger
 from facecaption.state.takedowns import TakedownIndex
 
 
@@ -84,6 +84,18 @@ class StageContext:
     row_retries: RowRetryLedger | None = None
     # The operator asked for this run (`--force`): pauses between runs do not hold it back.
     forced: bool = False
+
+    def earlier_retries(self) -> dict[str, RowRetry]:
+        """This stage's rows (by key) that met a transient fault in earlier runs over the same
+        inputs: runs used, and when each is due again. None on a fresh run."""
+        if not self.previous or self.row_retries is None:
+            return {}
+        return self.row_retries.rows(self.shard.shard_id)
+
+    def keep_retries(self, waiting: list[RowRetry]) -> None:
+        """Record the rows the published outputs leave to later runs."""
+        if self.row_retries is not None:
+            self.row_retries.replace(self.shard.shard_id, waiting)
 
 
 @dataclass(frozen=True)

@@ -167,11 +167,7 @@ class FetchStage:
         urls, refused = check_rows(rows, limits)
         now = datetime.now(UTC)
         # rows that failed transiently before: runs used, and when each is due again
-        ledger = (
-            context.row_retries.rows(shard.shard_id)
-            if context.previous and context.row_retries is not None
-            else {}
-        )
+        ledger = context.earlier_retries()
         pausing = {int(key) for key in row_budget(limits).pausing(ledger, now, context.forced)}
         with store.publish(tar_path) as tmp_tar:
             with Spool(tmp_tar.with_name(tmp_tar.name + ".spool")) as spool:
@@ -203,8 +199,7 @@ class FetchStage:
         with store.publish(parquet_path) as tmp_parquet:
             write_parquet(records, FETCH_SCHEMA, tmp_parquet)
             parquet_ref = store.describe(parquet_path, tmp_parquet)
-        if context.row_retries is not None:  # what the published rows leave to later runs
-            context.row_retries.replace(shard.shard_id, waiting)
+        context.keep_retries(waiting)
         if context.takedowns is not None:  # takedowns are matched against this index
             images = kept_images(records)
             context.takedowns.index_fetched(shard.shard_id, parquet_ref.sha256, images)
