@@ -21,7 +21,7 @@ probes a path (slow start, then CUBIC-like growth), and is cut back the way TCP 
 `HostQueue` hands out waiting rows by host, only from hosts that may take a request now, so a
 paused or slow host holds no worker and never delays the others (no head-of-line blocking).
 What a host's rate settles at is kept (`learned`) so the next shard can start from it, and
-`SharedBudget` (see `facecaption.fetch.web.budget`) lets several processes share one budget
+a `RateBudget` (`facecaption.fetch.web.budget.RedisBudget`) lets several processes share one budget
 per host. Hosts are told apart by host name (or address literal), not port: one server,
 one budget.
 """
@@ -209,7 +209,7 @@ class HostThrottle:
             state.in_flight += 1
             state.next_start = start + 1.0 / state.rate
             if start > now:
-                await _sleep_holding(state, start - now, self, host)
+                await _sleep_holding(start - now, self, host)
         try:
             if self.budget is not None:
                 wait = await self.budget.acquire(host, state.rate, max(1.0, state.rate))
@@ -320,7 +320,7 @@ class HostThrottle:
         }
 
 
-async def _sleep_holding(state: _Host, seconds: float, throttle: HostThrottle, host: str) -> None:
+async def _sleep_holding(seconds: float, throttle: HostThrottle, host: str) -> None:
     """Sleep until a reserved start; the slot is given back if the sleep is cancelled."""
     try:
         await asyncio.sleep(seconds)
@@ -350,9 +350,6 @@ class HostQueue(Generic[T]):
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         throttle.on_release = self._released
-
-    def __len__(self) -> int:
-        return sum(len(items) for items in self._pending.values())
 
     def _push(self, host: str) -> None:
         ready = self.throttle.ready_at(host)
