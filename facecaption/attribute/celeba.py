@@ -1,5 +1,6 @@
 """CelebA in the Hugging Face schema, read for training: its splits, its 40 labels, and the
-face crops made from its images exactly as the pipeline makes them.
+face crops made from its images as the pipeline makes them (aligned and resized the same way;
+decoded without EXIF orientation, which CelebA's images do not carry).
 
 The schema is that of `flwrlabs/celeba`, config `img_align+identity+attr`: an `image` column
 (the datasets Image feature, stored as a struct with `bytes`, or plain bytes) and one column per
