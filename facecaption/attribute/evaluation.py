@@ -186,7 +186,7 @@ def evaluation_report(
     }
 
 
-def evaluation_markdown(report: dict, *, label: str) -> str:
+def evaluation_markdown(report: dict, *, label: str = "") -> str:
     """The card's table: per-attribute test metrics, their means, and published baselines."""
     mean = report["mean"]
     lines = [
