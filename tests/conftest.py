@@ -56,6 +56,10 @@ for _name in [
     k for k in os.environ if k.startswith("FACECAPTION_") and k != "FACECAPTION_TEST_DB_URL"
 ]:
     del os.environ[_name]
+# ... nor from the developer's home: `make demo` leaves {home}/facecaption.toml (the demo's
+# models and fetch limits), which every Settings() would read. A private home for the run;
+# tests that need a home of their own set FACECAPTION_HOME themselves.
+os.environ["FACECAPTION_HOME"] = tempfile.mkdtemp(prefix="facecaption-home-")
 
 from support.processes import settings_environment  # noqa: E402
 from support.sampledata import routes_for, sample_rows  # noqa: E402
