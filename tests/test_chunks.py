@@ -23,6 +23,15 @@ def dagbag(airflow_db):
     return DagBag(dag_folder=str(REPO / "dags"))
 
 
+def unfinished(run) -> dict[str, str]:
+    """The run's task instances that did not succeed: what a failed run's assertion shows."""
+    return {
+        f"{ti.task_id}[{ti.map_index}]": f"{ti.state} (try {ti.try_number})"
+        for ti in run.get_task_instances()
+        if ti.state != "success"
+    }
+
+
 def test_the_next_conf_keeps_the_work_and_moves_past_the_chunk():
     from facecaption_airflow.chunks import Chunk
 
@@ -72,7 +81,7 @@ def test_one_trigger_works_through_five_shards_with_max_map_length_two(
     chunks, notes, first_run = [], [], None
     while conf is not None:
         run = dag.test(run_conf=conf)
-        assert run.state == "success"
+        assert run.state == "success", unfinished(run)
         first_run = first_run or run.run_id
         tis = {ti.task_id: ti for ti in run.get_task_instances() if ti.map_index < 1}
         chunk = tis["plan"].xcom_pull(task_ids="plan", key="chunk")
