@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from facecaption.core.redaction import redacted_settings
+from facecaption.core.redaction import redact_text, redacted_settings
 from facecaption.settings import Settings
 
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (keeps the interpreter's flush quiet)
         return 0
     except (LookupError, ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"facecaption: error: {error}", file=sys.stderr)
+        print(f"facecaption: error: {redact_text(str(error))}", file=sys.stderr)
         return 1
 
 
@@ -375,7 +375,7 @@ def _run(args: argparse.Namespace) -> int:
     if selection.plan_errors:
         print(
             f"facecaption: not all chosen work was done: {len(selection.plan_errors)} source"
-            f" file(s) could not be planned: {', '.join(selection.plan_errors)}",
+            f" file(s) could not be planned: {redact_text(', '.join(selection.plan_errors))}",
             file=sys.stderr,
         )
     if selection.plan_errors or any(shard_run.error for shard_run in last.values()):

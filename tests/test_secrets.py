@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from support.chatserver import ChatServer, Fault
+from support.fileserver import FileServer
+from support.sampledata import write_source
 from test_caption import build_attributed_shard
 
 from facecaption.cli import effective_config, main
-from facecaption.core.pipeline import Pipeline
+from facecaption.core.pipeline import Pipeline, run_shard
 from facecaption.core.redaction import redact_text, redact_url
+from facecaption.core.status import status_json
 from facecaption.release.publish import publish_release
 from facecaption.release.report import write_report
 from facecaption.settings import CaptionSettings, Settings
@@ -33,6 +37,23 @@ def test_redact_url_masks_userinfo_wherever_it_is():
     assert redact_url("postgresql://db/x") == "postgresql://db/x"
     text = "cannot reach http://u:p@10.0.0.1/v1 nor s3://KEY:SECRET@bucket/x"
     assert redact_text(text) == "cannot reach http://u:***@10.0.0.1/v1 nor s3://KEY:***@bucket/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Authorization: Bearer sk-abc.def", "Authorization: ***"),
+        ("headers={'Authorization': 'Basic dTpwdw=='}", "headers={'Authorization': '***'}"),
+        ("GET /v1?api_key=sk-123&x=1 failed", "GET /v1?api_key=***&x=1 failed"),
+        ("dbname=fc password=hunter2 host=db", "dbname=fc password=*** host=db"),
+        ("aws_secret_access_key = wJalr", "aws_secret_access_key = ***"),
+        ("401: token rejected: Bearer eyJhbGciOi", "401: token rejected: Bearer ***"),
+        ('password authentication failed for user "fc"', None),  # names no secret
+        ("max_tokens=5 exceeded", None),
+    ],
+)
+def test_redact_text_masks_credential_headers_and_fields(text, shown):
+    assert redact_text(text) == (text if shown is None else shown)
 
 
 def test_config_prints_the_effective_places_and_no_secret(tmp_path, monkeypatch, capsys):
@@ -139,3 +160,54 @@ def test_url_credentials_go_as_basic_auth_and_never_with_an_api_key():
     assert rewriter.authorization == "Basic dTpwdw=="  # base64 of u:pw
     with pytest.raises(SettingsError, match="credentials"):
         OpenAIRewriter("http://u:pw@127.0.0.1:1/v1", "m", api_key="k", **options)
+
+
+def test_a_failed_stage_keeps_its_error_without_the_credentials_it_quotes(
+    tmp_path, settings, sample, sample_site
+):
+    """Sources served over loopback HTTP with credentials in their URLs; one changes after
+    planning, so its fetch fails with an error that names its URL. Postgres (the stage row
+    and its history), `status`, the shard view and the run's report hold that error with the
+    password masked; the other shard is untouched, and a re-run records the same."""
+    from facecaption_airflow.shard_pages import status_html
+
+    files = {
+        name: write_source(rows, sample_site.url("").rstrip("/"), tmp_path / name).read_bytes()
+        for name, rows in (("a.parquet", sample[:3]), ("b.parquet", sample[3:6]))
+    }
+    with FileServer(dict(files)) as server, Pipeline.open(settings) as pipeline:
+        uris = {
+            name: server.url(name).replace("http://", f"http://fc:{URL_PASSWORD}@")
+            for name in files
+        }
+        report = pipeline.plan(list(uris.values()))
+        assert report.errors == {}
+        [changed], [other] = (pipeline.select_shards([uris[n]]) for n in files)
+        assert pipeline.run("fetch", other).status == "done"
+        untouched = pipeline.state.get_stage(other, "fetch")
+        server.files["a.parquet"] = files["b.parquet"]  # changed in place after planning
+
+        for _ in range(2):  # a re-run fails the same way and records the same
+            shard_run = run_shard(settings, changed, ["fetch"], force=False)
+            failed = pipeline.state.get_stage(changed, "fetch")
+            assert failed.status == "failed"
+            assert "changed after it was planned" in failed.last_error
+            assert f"http://fc:***@127.0.0.1:{server.port}/a.parquet" in failed.last_error
+            with pipeline.state.engine.connect() as conn:
+                stored = conn.execute(
+                    sa.text(
+                        "SELECT last_error AS error FROM shard_stages"
+                        " UNION ALL SELECT error FROM stage_events"
+                    )
+                ).scalars()
+                stored = [error for error in stored if error]
+            assert stored and not [error for error in stored if URL_PASSWORD in error]
+            assert URL_PASSWORD not in shard_run.error and "fc:***@" in shard_run.error
+            status = json.dumps(status_json(pipeline.status()))
+            page = status_html(
+                pipeline.status_page(limit=10), stale={}, tasks={},
+                stages=["fetch"], ui_base="", page_size=10,
+            )  # fmt: skip
+            assert "fc:***@" in status and "fc:***@" in page
+            assert URL_PASSWORD not in status and URL_PASSWORD not in page
+            assert pipeline.state.get_stage(other, "fetch") == untouched

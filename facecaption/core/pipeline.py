@@ -16,6 +16,7 @@ from typing import Any
 from facecaption.core.errors import PermanentError
 from facecaption.core.fingerprints import Fingerprints
 from facecaption.core.progress import ProgressEvent, ProgressSink
+from facecaption.core.redaction import redact_text
 from facecaption.core.runner import StageOutcome, retry_due, run_stage
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactStore
@@ -357,7 +358,7 @@ def run_shard(
                     progress(ProgressEvent(shard_id, stage, {}, status="busy", error=str(busy)))
                 return ShardRun(shard_id, outcomes, busy=f"{stage}: {busy}", waited=wait_s > 0)
             except Exception as error:  # the state DB has the failure; report it and stop
-                message = f"{type(error).__name__}: {error}"
+                message = redact_text(f"{type(error).__name__}: {error}")
                 if progress:
                     progress(ProgressEvent(shard_id, stage, {}, status="failed", error=message))
                 return ShardRun(shard_id, outcomes, f"{stage}: {message}")

@@ -2,7 +2,9 @@
 
 `redact_url` masks a URL's userinfo (`user:***@` when there is a password, `***@` when the
 user part alone may be a token); `redact_text` does the same for every URL inside free text
-(error messages); `redacted_settings` is the settings as `facecaption config` prints them.
+(error messages), and masks the values of credential headers and fields quoted in it
+(`Authorization: Bearer ...`, `api_key=...`, `password=...`, a bare `Bearer` token);
+`redacted_settings` is the settings as `facecaption config` prints them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from typing import Any
 MASK = "***"
 # scheme://userinfo@ ... ; userinfo stops at the first '/', whitespace or '@' after it
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@]+)@")
+# a credential header or field quoted in text (`Authorization: Basic ...`, `?api_key=...`,
+# `'password': '...'`): its value, with an auth scheme word before it, up to a delimiter
+_SECRET_FIELD = re.compile(
+    r"(?i)(?P<name>(?<![a-z0-9])(?:(?:proxy-)?authorization|x-api-key|api[-_]?key|access[-_]token"
+    r"|secret[-_]?(?:access[-_]?)?key|client[-_]secret|password|passwd|secret|token))"
+    r"(?P<sep>['\"]?\s*[:=]\s*['\"]?)(?P<value>(?:(?:bearer|basic|token)\s+)?[^\s'\",;&]+)"
+)
+_BEARER = re.compile(r"(?i)\b(?P<scheme>bearer)\s+[A-Za-z0-9._~+/=-]+")
 # settings whose value is itself a secret (not the name of the variable holding one)
 _SECRET_KEY = re.compile(r"(?:^|_)(?:password|passwd|secret|api_key|access_key|secret_key)$")
 
@@ -24,8 +34,11 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """`text` with the userinfo of every URL in it masked."""
-    return _URL_USERINFO.sub(_mask_userinfo, text)
+    """`text` with the userinfo of every URL in it, and every credential header or field
+    value quoted in it, masked."""
+    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = _SECRET_FIELD.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)
+    return _BEARER.sub(lambda m: f"{m['scheme']} {MASK}", text)
 
 
 def redact_url(url: str) -> str:

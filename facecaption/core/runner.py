@@ -18,6 +18,7 @@ An exception marks the attempt `failed` with its message and is raised again; an
 was taken over records its failure in the history and leaves the current row alone. One raised
 in step 2 (an input stage not done, a model not installed) starts no attempt: it is kept as the
 row's last error (`record_refusal`), so the shard view can say why the stage did not run.
+Errors are stored with credentials masked (`redact_text`: URL userinfo, auth headers, keys).
 """
 
 from __future__ import annotations

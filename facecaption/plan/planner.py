@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from facecaption.core.redaction import redact_text
 from facecaption.plan.sources import (
     SourceChangedError,
     SourceError,
@@ -65,13 +66,13 @@ def plan_sources(uris: list[str], settings: Settings, state: ShardState) -> Plan
         try:
             files = expand_source_uris([argument])
         except SourceError as error:
-            report.errors[argument] = str(error)
+            report.errors[argument] = redact_text(str(error))
             continue
         for uri in files:
             try:
                 report.sources.append(_plan_one(uri, settings, state))
             except SourceError as error:
-                report.errors[uri] = str(error)
+                report.errors[uri] = redact_text(str(error))
     return report
 
 

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from facecaption.core.errors import PermanentError
+from facecaption.core.redaction import redact_text
 
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -116,6 +117,12 @@ class StageState:
     inputs: dict[str, Any] | None = None
     # when the `retryable` work it left is due (None: at once; see 0006)
     retry_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # Errors are redacted when written; rows written before that are redacted when read,
+        # so no status page or shard view shows a credential an exception quoted.
+        if self.last_error:
+            object.__setattr__(self, "last_error", redact_text(self.last_error))
 
 
 @dataclass(frozen=True)
@@ -597,8 +604,10 @@ class ShardState:
         )
 
     def mark_failed(self, shard_id: str, stage: str, attempt: int, error: str) -> None:
-        """Finish `attempt` as failed with its error. An attempt that was taken over leaves
-        the current row alone: its failure goes into the history only."""
+        """Finish `attempt` as failed with its error (credentials in it masked). An attempt
+        that was taken over leaves the current row alone: its failure goes into the history
+        only."""
+        error = redact_text(error)
         try:
             self._finish(shard_id, stage, attempt, "failed", error=error)
         except AttemptTakenOverError:
@@ -609,9 +618,9 @@ class ShardState:
     def record_refusal(self, shard_id: str, stage: str, error: str) -> None:
         """Record why a run of (shard, stage) stopped before it started an attempt (its input
         stage not done, a model not installed, ...) as the row's last error, prefixed with
-        REFUSED; its status and attempt stay as they are (a stage never run gets a pending
-        row). Call only while holding `claim`. The history keeps attempts only, so a refusal
-        is not an event."""
+        REFUSED, credentials in it masked; its status and attempt stay as they are (a stage
+        never run gets a pending row). Call only while holding `claim`. The history keeps
+        attempts only, so a refusal is not an event."""
         with self.engine.begin() as conn:
             conn.execute(
                 sa.text(
@@ -620,7 +629,7 @@ class ShardState:
                     " ON CONFLICT (shard_id, stage) DO UPDATE SET last_error = :e,"
                     " updated_at = now() WHERE shard_stages.status <> 'running'"
                 ),
-                {"s": shard_id, "t": stage, "e": f"{REFUSED}{error}"},
+                {"s": shard_id, "t": stage, "e": f"{REFUSED}{redact_text(error)}"},
             )
 
     def _finish(
