@@ -98,6 +98,18 @@ URL_CELLS = [
     Hostile("scheme: javascript", "invalid_url", url="javascript:alert(1)", error="scheme"),
     Hostile("scheme: data url", "invalid_url", url="data:image/png;base64,iVBORw0KGgo="),
     Hostile("url: relative path", "invalid_url", url="images/x.png"),
+    Hostile(
+        "url: user and password",
+        "invalid_url",
+        url="http://fc:hunter2@example.com/x.png",
+        error="carries credentials: 'http://fc:***@example.com/x.png'",
+    ),
+    Hostile(
+        "url: a user alone, maybe a token",
+        "invalid_url",
+        url="http://ghp_t0ken@example.com/x.png",
+        error="'http://***@example.com/x.png'",
+    ),
 ]
 
 SSRF = [
@@ -158,6 +170,12 @@ REDIRECTS = [
         route=raw_redirect(b"http://\xff.com/"),
     ),
     Hostile("location: http://@/", "invalid_redirect", route=redirect_to("http://@/")),
+    Hostile(
+        "location: user and password",
+        "invalid_redirect",
+        route=redirect_to("http://fc:hunter2@127.0.1.1/good/0.png"),
+        error="'http://fc:***@127.0.1.1/good/0.png'",
+    ),
     Hostile(
         "location: bad punycode host", "invalid_redirect", route=redirect_to("http://xn--a.com/")
     ),
@@ -546,6 +564,47 @@ def test_robots_pattern_that_would_backtrack_matches_in_linear_time():
     robots = RobotsTxt.parse(CATASTROPHIC_PATTERN.decode())
     assert robots.allows("facecaption", "/" + "a" * 5000)  # no final b: no match
     assert not robots.allows("facecaption", "/" + "a" * 5000 + "b")
+
+
+def test_credentials_in_urls_are_never_sent_nor_stored(tmp_path, settings):
+    """A url cell or a redirect carrying credentials is refused before anything is sent; the
+    url and error stored for the row show them masked, in fetch.parquet and fetch.tar alike,
+    and the good rows around it are fetched. A forced re-run changes nothing."""
+    with SampleSite({f"{n}.png": Route(png(60 + n), "image/png") for n in range(4)}) as site:
+        with_password = site.url("1.png").replace("http://", "http://fc:hunter2@")
+        site.routes["hop.png"] = redirect_to(with_password)
+        cells = [
+            site.url("0.png"),
+            with_password,
+            site.url("hop.png"),
+            site.url("2.png").replace("http://", "http://ghp_t0ken@"),
+            site.url("3.png"),
+        ]
+        source = write(tmp_path / "creds.parquet", pa.table({"url": cells}))
+        with Pipeline.open(settings) as pipeline:
+            [shard_id] = pipeline.select_shards([str(source)])
+            runs = []
+            for force in (False, True):
+                pipeline.run("fetch", shard_id, force=force)
+                state = pipeline.state.get_stage(shard_id, "fetch")
+                runs.append(pq.read_table(state.artifacts["fetch.parquet"]["uri"]).to_pylist())
+                stored = Path(state.artifacts["fetch.parquet"]["uri"]).read_bytes()
+                stored += Path(state.artifacts["fetch.tar"]["uri"]).read_bytes()
+                assert b"hunter2" not in stored and b"ghp_t0ken" not in stored
+        assert site.hits.get("1.png") is None and site.hits.get("2.png") is None
+    rows = runs[0]
+    assert [r["status"] for r in rows] == [
+        "ok",
+        "invalid_url",
+        "invalid_redirect",
+        "invalid_url",
+        "ok",
+    ]
+    masked = with_password.replace("hunter2", "***")
+    assert rows[1]["url"] == masked and masked in rows[1]["error"]
+    assert masked in rows[2]["error"]
+    assert rows[3]["url"].startswith("http://***@127.0.0.1:")
+    assert runs[1] == rows
 
 
 # -- source files broken as a whole, beside good ones -----------------------------------------

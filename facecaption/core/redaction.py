@@ -1,7 +1,8 @@
 """Keeping credentials out of what we print and write: URL userinfo, passwords, API keys.
 
-`redact_url` masks a URL's userinfo (`user:***@` when there is a password, `***@` when the
-user part alone may be a token); `redact_text` does the same for every URL inside free text
+`redact_userinfo` masks the userinfo of every URL in a text (`user:***@` when there is a
+password, `***@` when the user part alone may be a token) and changes nothing else, so a URL
+without userinfo stays the same link; `redact_text` does the same for every URL inside free text
 (error messages), and masks the values of credential headers and fields quoted in it
 (`Authorization: Bearer ...`, `api_key=...`, `password=...`, a bare `Bearer` token);
 `redacted_settings` is the settings as `facecaption config` prints them.
@@ -13,8 +14,9 @@ import re
 from typing import Any
 
 MASK = "***"
-# scheme://userinfo@ ... ; userinfo stops at the first '/', whitespace or '@' after it
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@]+)@")
+# scheme://userinfo@host: the authority ends at the first '/', '?', '#' (RFC 3986) or
+# whitespace, and its userinfo at the last '@' in it
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s]+)@")
 # a credential header or field quoted in text (`Authorization: Basic ...`, `?api_key=...`,
 # `'password': '...'`): its value, with an auth scheme word before it, up to a delimiter
 _SECRET_FIELD = re.compile(
@@ -36,9 +38,14 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 def redact_text(text: str) -> str:
     """`text` with the userinfo of every URL in it, and every credential header or field
     value quoted in it, masked."""
-    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = redact_userinfo(text)
     text = _SECRET_FIELD.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)
     return _BEARER.sub(lambda m: f"{m['scheme']} {MASK}", text)
+
+
+def redact_userinfo(text: str) -> str:
+    """`text` with the userinfo of every URL in it masked, and nothing else changed."""
+    return _URL_USERINFO.sub(_mask_userinfo, text)
 
 
 def redact_url(url: str) -> str:

@@ -11,7 +11,8 @@ the failures `http_error`, `timeout`, `dns_error`, `connection_error`, `robots_u
 be read) and `gave_up` (a transient failure in every run its budget allowed, see `retries`).
 A bad URL, server or source cell is a row status, never a shard failure: every url cell is
 checked (`parse_url`) before anything else sees it, the takedown lookup in Postgres
-included. Bytes are stored exactly as downloaded (native resolution, no re-encode). Both
+included; one with credentials is refused, and rows store urls and errors with credentials
+masked. Bytes are stored exactly as downloaded (native resolution, no re-encode). Both
 files are in source row order; the parquet is published last.
 
 A forced re-run over outputs made with the same settings keeps every row whose status is final
@@ -46,6 +47,7 @@ from facecaption.core.artifacts import (
     FETCH_TAR,
 )
 from facecaption.core.imaging import EXTENSIONS, check_image
+from facecaption.core.redaction import redact_text, redact_userinfo
 from facecaption.core.retry_budget import next_due
 from facecaption.core.stage import DedupIndex, StageContext, StageInputs, StageResult
 from facecaption.core.writers import WebDatasetWriter, iter_webdataset, write_parquet
@@ -455,18 +457,20 @@ def _record(row: SourceRow, status: str, error: str | None) -> dict[str, Any]:
 
 
 def _url_text(cell: object) -> str | None:
-    """The url cell as stored: its text, with what is not valid UTF-8 escaped."""
+    """The url cell as stored: its text, with what is not valid UTF-8 escaped and the
+    userinfo of a URL that has some masked (such a URL is refused: `parse_url`)."""
     if cell is None:
         return None
     if isinstance(cell, str):
-        return cell.encode("utf-8", "backslashreplace").decode("utf-8")
-    return quote(cell)
+        return redact_userinfo(cell.encode("utf-8", "backslashreplace").decode("utf-8"))
+    return redact_userinfo(quote(cell))
 
 
 def _error_text(error: str | None) -> str | None:
+    """A row's error as stored: credentials masked, valid UTF-8, cut short."""
     if error is None:
         return None
-    text = error.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = redact_text(error.encode("utf-8", "backslashreplace").decode("utf-8"))
     return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + "..."
 
 

@@ -50,6 +50,7 @@ from facecaption.core.artifacts import (
     RELEASE_SCHEMA,
     TRAIN_TAR,
 )
+from facecaption.core.redaction import redact_userinfo
 from facecaption.core.stage import (
     StageContext,
     StageInputError,
@@ -254,7 +255,8 @@ def release_row(
     license_note: str,
 ) -> dict[str, Any]:
     return {
-        "url": fetched["url"],
+        # fetch refuses URLs with credentials; a fetch made before it did may still hold one
+        "url": redact_userinfo(fetched["url"]),
         "box": [face["x1"], face["y1"], face["x2"], face["y2"]],
         "laion_caption": [fetched["caption"]] if fetched["caption"] is not None else [],
         "caption": [caption["caption"]],

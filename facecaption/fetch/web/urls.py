@@ -8,9 +8,11 @@ they would silently change: values that are not text, NUL and other control char
 surrogates (invalid UTF-8 read from a source, or raw bytes in a header: yarl drops them
 without a word), host names that are not DNS names (empty or over-long labels, bytes outside
 letters, digits, `-` and `_`, punycode the codec cannot decode), numeric hosts that are not
-a dotted-quad IPv4 (`2130706433`, `0x7f.1`: getaddrinfo would read them as addresses), and
-ports outside 1-65535. `resolve_location` does the same for a redirect target, relative to
-the URL that answered.
+a dotted-quad IPv4 (`2130706433`, `0x7f.1`: getaddrinfo would read them as addresses),
+ports outside 1-65535, and credentials (`user:password@`, or a user alone, which may be a
+token): a password found in a URL list is not ours to use, so it is never sent, and the
+reason names the URL with its userinfo masked, so it is never stored either.
+`resolve_location` does the same for a redirect target, relative to the URL that answered.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import re
 from collections.abc import Collection
 
 from yarl import URL
+
+from facecaption.core.redaction import redact_userinfo
 
 # DNS limits (RFC 1035): a name of at most 253 characters in labels of 1 to 63.
 MAX_HOST_LENGTH = 253
@@ -63,6 +67,8 @@ def parse_url(raw: object, allowed_schemes: Collection[str]) -> URL:
     if url.explicit_port == 0:
         raise UnusableURL("port 0")
     _check_host(url)
+    if url.raw_user or url.password is not None:
+        raise UnusableURL(f"url carries credentials: {quote(redact_userinfo(text))}")
     return url
 
 
