@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,13 +119,13 @@ SSRF = [
         "ssrf: 6to4 carrying 127.0.0.1",
         "blocked_address",
         url="http://[2002:7f00:1::]:9/x.png",
-        error="carries 127.0.0.1",
+        error="host is a loopback address (IPv4 inside a 6to4 address)",
     ),
     Hostile(
         "ssrf: NAT64 carrying 10.0.0.1",
         "blocked_address",
         url="http://[64:ff9b::a00:1]:9/x.png",
-        error="carries 10.0.0.1",
+        error="a private address (IPv4 inside a NAT64 address)",
     ),
     Hostile(
         "ssrf: local NAT64 carrying 127.0.0.1",
@@ -135,9 +136,21 @@ SSRF = [
         "ssrf: Teredo with a loopback client",
         "blocked_address",
         url="http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:9/x.png",
-        error="carries 127.0.0.1",
+        error="a loopback address (IPv4 inside a Teredo address)",
     ),
     Hostile("ssrf: IPv4-mapped private", "blocked_address", url="http://[::ffff:192.168.0.1]/"),
+    Hostile(
+        "ssrf: a name resolving to loopback",
+        "blocked_address",
+        url="http://localhost:9/x.png",
+        error="localhost resolves to a loopback address",
+    ),
+    Hostile(
+        "ssrf: the cloud metadata address",
+        "blocked_address",
+        url="http://169.254.169.254/latest/meta-data/",
+        error="host is a link-local address",
+    ),
 ]
 
 REDIRECTS = [
@@ -447,6 +460,19 @@ def test_forced_rerun_gives_the_same_artifacts(battery):
     )
 
 
+def test_blocked_address_errors_name_the_class_never_the_internal_address(battery):
+    """A row's error is stored and published: it says which class of address was refused
+    (loopback, private, link-local...), never the address a name resolved to or an IPv6
+    address carried."""
+    rows = battery.first.fetch_rows()
+    blocked = [kind for kind in KINDS if kind.expected == "blocked_address"]
+    assert len(blocked) >= 8
+    for kind in blocked:
+        error = rows[kind.sample_id]["error"]
+        assert re.search(r"\ban? [a-z-]+ address\b", error), error
+        assert not re.search(r"\d+\.\d+\.\d+\.\d+|[0-9a-f]*::", error), error
+
+
 def test_stage_counts_and_status_show_the_new_statuses(battery):
     counts = battery.first.states["fetch"].counts
     for status in ("invalid_url", "invalid_redirect", "invalid_response", "blocked_address"):
@@ -538,9 +564,11 @@ def test_guarded_resolver_judges_dns_answers_by_the_ipv4_they_carry():
         return outcomes
 
     outcomes = asyncio.run(resolve_all())
-    assert "carries 127.0.0.1" in outcomes["sixtofour.test"]
-    assert "carries 169.254.169.254" in outcomes["nat64.test"]
-    assert "carries 10.0.0.1" in outcomes["teredo.test"]
+    assert outcomes["sixtofour.test"] == (
+        "sixtofour.test resolves to a loopback address (IPv4 inside a 6to4 address)"
+    )
+    assert "a link-local address (IPv4 inside a NAT64 address)" in outcomes["nat64.test"]
+    assert "a private address (IPv4 inside a Teredo address)" in outcomes["teredo.test"]
     assert outcomes["public.test"] is None
 
 

@@ -66,7 +66,7 @@ def test_guard_judges_ipv4_mapped_ipv6_as_ipv4():
     # the IPv4 allow-list applies to the mapped form, and so do the IPv4 classes
     assert guard.blocked_reason(ipaddress.ip_address("::ffff:127.0.0.1")) is None
     assert guard.blocked_reason(ipaddress.ip_address("::ffff:10.0.0.1")) == (
-        "private (carries 10.0.0.1)"
+        "private (IPv4 inside an IPv4-mapped address)"
     )
     assert guard.blocked_reason(ipaddress.ip_address("::ffff:169.254.169.254"))
     assert AddressGuard([]).blocked_reason(ipaddress.ip_address("::ffff:8.8.8.8")) is None

@@ -51,6 +51,7 @@ from facecaption.fetch.web.guard import (
     AddressGuard,
     BlockedAddressError,
     GuardedResolver,
+    describe_blocked,
     literal_address,
 )
 from facecaption.fetch.web.robots import RobotsTxt
@@ -298,7 +299,7 @@ class Downloader:
         if address is not None:
             reason = self.guard.blocked_reason(address)
             if reason:
-                return Download("blocked_address", error=f"{address} is {reason}")
+                return Download("blocked_address", error=f"host is {describe_blocked(reason)}")
         else:
             try:
                 async with asyncio.timeout(self.limits.connect_timeout_s):

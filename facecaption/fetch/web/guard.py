@@ -10,12 +10,18 @@ and its client). The local-use NAT64 prefix (64:ff9b:1::/48, RFC 8215) is refuse
 carries: it only routes inside its operator's network.
 The resolver answers each host once per downloader (one shard) and refuses blocked answers
 itself, so the connector can only ever connect to addresses that passed the check.
+
+A refusal names the class of the address (`a loopback address`, `a private address (IPv4
+inside a 6to4 address)`), never the address: row errors are stored and published, and an
+internal name's internal address is a map of someone's network. The address itself is
+logged at debug level.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -24,6 +30,8 @@ from aiohttp.resolver import ThreadedResolver
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+log = logging.getLogger(__name__)
 
 
 class BlockedAddressError(OSError):
@@ -42,17 +50,37 @@ class AddressGuard:
         for v4 in carried:
             reason = self.blocked_reason(v4)
             if reason:
-                return f"{reason} (carries {v4})"
+                return f"{reason} (IPv4 inside {_carrier(address)})"
         if address in LOCAL_NAT64:
             return "non-global (local-use NAT64 prefix)"
         if carried:
             return None  # a public IPv4 behind a translation or tunnel prefix
-        for reason in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        # the narrowest class first: 169.254.169.254 and :: are private too
+        for reason in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
             if getattr(address, f"is_{reason}"):
                 return reason.replace("_", "-")
         if not address.is_global:
             return "non-global"
         return None
+
+
+def describe_blocked(reason: str) -> str:
+    """A `blocked_reason` as an address class: `a loopback address`, `an unspecified
+    address`, `a private address (IPv4 inside a 6to4 address)`."""
+    head, paren, tail = reason.partition(" (")
+    article = "an" if head[0] in "aeiou" else "a"
+    return f"{article} {head} address" + (f" ({tail}" if paren else "")
+
+
+def _carrier(address: ipaddress.IPv6Address) -> str:
+    """What kind of IPv6 address carries an IPv4 one (see `embedded_ipv4`)."""
+    if address.ipv4_mapped is not None:
+        return "an IPv4-mapped address"
+    if address.sixtofour is not None:
+        return "a 6to4 address"
+    if address.teredo is not None:
+        return "a Teredo address"
+    return "a NAT64 address"
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -102,7 +130,8 @@ class GuardedResolver(AbstractResolver):
             if reason:
                 # One blocked answer refuses the host: a name that mixes public and internal
                 # addresses is how DNS-rebinding attacks start.
-                raise BlockedAddressError(f"{host} resolves to {answer['host']} ({reason})")
+                log.debug("%s resolves to %s: %s", host, answer["host"], reason)
+                raise BlockedAddressError(f"{host} resolves to {describe_blocked(reason)}")
         return answers
 
     async def close(self) -> None:
