@@ -200,9 +200,21 @@ REDIRECTS = [
     Hostile("location: ftp", "invalid_redirect", route=redirect_to("ftp://127.0.1.1/x.png")),
     Hostile(
         "location: 60 KB value",
-        "invalid_response",
+        "invalid_redirect",
         route=raw_redirect(b"/" + b"a" * 60_000),
-        error="8190",
+        error="Location of 60001 characters, over 8190",
+    ),
+    Hostile(
+        "location: 9 KB value",
+        "invalid_redirect",
+        route=redirect_to("/" + "a" * 9_000),
+        error="over 8190",
+    ),
+    Hostile(
+        "location: over the 64 KiB header line limit",
+        "invalid_response",
+        route=raw_redirect(b"/" + b"a" * 70_000),
+        error="Got more than 65536 bytes",
     ),
     Hostile("location: NUL byte", "invalid_response", route=raw_redirect(b"/a\x00b.png")),
     Hostile(

@@ -9,9 +9,13 @@ it returns a `Download` whose status is one of:
 
 A URL is parsed and checked before anything is sent (see `urls`): what is not a URL we may
 request is `invalid_url`, a redirect to one is `invalid_redirect` (a `Location` that is
-missing, empty, unparseable or names a host, port or scheme we refuse). An answer aiohttp
-cannot parse as HTTP (a bad status line, a header line over aiohttp's limit, bytes not allowed
-in a header, a bad Content-Length or chunk size) is `invalid_response`.
+missing, empty, unparseable, longer than a request line servers read, or names a host, port
+or scheme we refuse). An answer aiohttp cannot parse as HTTP (a bad status line, a header
+line over `MAX_HEADER_FIELD_BYTES`, too many headers, bytes not allowed in a header, a bad
+Content-Length or chunk size) is `invalid_response`. Header lines are read up to 64 KiB, not
+aiohttp's 8 KiB, so that an over-long `Location` reaches the redirect checks: past the limit,
+aiohttp reports only that a line was too long, without its header's name or the status, so
+a redirect can no longer be told from any other answer.
 
 Every hop of a download (redirects are followed here, not by aiohttp) is checked in order:
 scheme, the address it resolves to (see `guard`), robots.txt (fetched once per origin), then it
@@ -64,6 +68,9 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRY_NOW = frozenset({"timeout", "connection_error"})
 RETRY_LATER = RETRY_NOW | {"dns_error", "robots_unavailable"}
 _CHUNK = 64 * 1024
+# The longest header line (name and value) read; aiohttp's default is 8190. At most 128 of
+# them (aiohttp's max_headers): 8 MiB of headers per answer at worst, under `max_bytes`.
+MAX_HEADER_FIELD_BYTES = 64 * 1024
 # aiohttp's parser errors quote the offending line, which a hostile server makes 60 KB long.
 _ERROR_CHARS = 300
 T = TypeVar("T")
@@ -128,6 +135,7 @@ class Downloader:
             ),
             headers={"User-Agent": self.limits.user_agent},
             auto_decompress=True,
+            max_field_size=MAX_HEADER_FIELD_BYTES,
             trust_env=False,  # a proxy would connect on our behalf, past the address checks
         )
         return self

@@ -12,7 +12,8 @@ a dotted-quad IPv4 (`2130706433`, `0x7f.1`: getaddrinfo would read them as addre
 ports outside 1-65535, and credentials (`user:password@`, or a user alone, which may be a
 token): a password found in a URL list is not ours to use, so it is never sent, and the
 reason names the URL with its userinfo masked, so it is never stored either.
-`resolve_location` does the same for a redirect target, relative to the URL that answered.
+`resolve_location` does the same for a redirect target, relative to the URL that answered,
+and also refuses a `Location` over `MAX_LOCATION_CHARS`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from facecaption.core.redaction import redact_userinfo
 # DNS limits (RFC 1035): a name of at most 253 characters in labels of 1 to 63.
 MAX_HOST_LENGTH = 253
 MAX_LABEL_LENGTH = 63
+# The longest redirect target followed: the request line following a longer one would be
+# over what servers read (8 KiB in aiohttp, nginx and Apache).
+MAX_LOCATION_CHARS = 8190
 # How much of a hostile value an error message quotes.
 QUOTE_CHARS = 120
 
@@ -78,6 +82,8 @@ def resolve_location(base: URL, location: str | None, allowed_schemes: Collectio
     if location is None or not location.strip():
         raise UnusableURL("redirect without a Location")
     text = location.strip()
+    if len(text) > MAX_LOCATION_CHARS:
+        raise UnusableURL(f"Location of {len(text)} characters, over {MAX_LOCATION_CHARS}")
     _check_text(text)  # before yarl, which would drop surrogates silently
     try:
         target = str(base.join(URL(text)))
