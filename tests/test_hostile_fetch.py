@@ -14,6 +14,7 @@ import gzip
 import ipaddress
 import json
 import re
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from facecaption.core.pipeline import Pipeline
 from facecaption.core.status import format_status
 from facecaption.fetch.web.downloader import Downloader, retry_later
 from facecaption.fetch.web.guard import AddressGuard, GuardedResolver
-from facecaption.fetch.web.robots import RobotsTxt
+from facecaption.fetch.web.robots import MAX_RECORDS, RobotsTxt
 from facecaption.settings import FetchSettings, Settings
 
 PNG_OK = png(250, size=20)  # served by the hostile kinds that must still end ok
@@ -63,6 +64,15 @@ def robots_site(name: str, robots: Route, expected: str, shade: int, **extra) ->
 
 
 CATASTROPHIC_PATTERN = b"User-agent: *\nDisallow: /" + b"*a" * 40 + b"*b$\n"
+
+
+def many_rules(agents: int, rules: int) -> bytes:
+    """A robots.txt of one group naming `agents` user-agents (ours among them), with `rules`
+    disallow lines that do not match the kinds' paths."""
+    names = [f"bot{n}" for n in range(agents - 1)] + ["facecaption"]
+    lines = [f"User-agent: {name}" for name in names] + [f"Disallow: /r{n}/" for n in range(rules)]
+    return "\n".join(lines).encode() + b"\n"
+
 
 URL_CELLS = [
     Hostile("url: null", "invalid_url", url=None, error="empty url"),
@@ -382,6 +392,25 @@ ROBOTS = [
         path=f"{'a' * 300}.png",
     ),
     robots_site("robots: server error", Route(b"down", status=500), "robots_unavailable", 208),
+    robots_site(
+        "robots: over 10000 rules",
+        Route(many_rules(1, 12_000), "text/plain"),
+        "robots_disallowed",
+        209,
+        error="robots.txt has over 10000 rules and user-agent lines",
+    ),
+    robots_site(
+        "robots: 1000 agents sharing 9000 rules",  # each agent's own copy: 9 million rules
+        Route(many_rules(1000, 9000), "text/plain"),
+        "ok",
+        210,
+    ),
+    robots_site(
+        "robots: its disallow past 500 KiB",  # not read, as RFC 9309 allows and Google does
+        Route(b"# filler\n" * 60_000 + b"User-agent: *\nDisallow: /\n", "text/plain"),
+        "ok",
+        211,
+    ),
 ]
 
 KINDS = URL_CELLS + SSRF + REDIRECTS + ANSWERS + ROBOTS
@@ -598,6 +627,23 @@ def test_guarded_resolver_judges_dns_answers_by_the_ipv4_they_carry():
 def test_guard_judges_ipv6_by_the_ipv4_it_carries(address, blocked):
     reason = AddressGuard([]).blocked_reason(ipaddress.ip_address(address))
     assert (reason is not None) is blocked, reason
+
+
+@pytest.mark.parametrize(("agents", "rules"), [(5000, 40_000), (1, 9_999), (1000, 9000)])
+def test_a_500_kib_robots_txt_parses_in_bounded_memory(agents, rules):
+    """Any robots.txt the download keeps (500 KiB) parses into a few MB: agents share their
+    group's rules (5000 agents x 40000 rules used to be 200 million Rule objects), and past
+    MAX_RECORDS rules and agents the file is read as disallowing everything."""
+    text = many_rules(agents, rules)[:512_000].decode()
+    tracemalloc.start()
+    robots = RobotsTxt.parse(text)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000, peak
+    over = agents + rules > MAX_RECORDS
+    assert (robots.refusal is not None) is over
+    assert robots.allows("facecaption", "/x.png") is not over
+    assert robots.allows("facecaption", "/r7/x.png") is False
 
 
 def test_robots_pattern_that_would_backtrack_matches_in_linear_time():

@@ -325,7 +325,8 @@ class Downloader:
             if isinstance(robots, Download):
                 return robots
             if not robots.allows(self.limits.user_agent_token, url.raw_path_qs):
-                return Download("robots_disallowed", error=f"{url.raw_path} disallowed for us")
+                why = robots.refusal or f"{url.raw_path} disallowed for us"
+                return Download("robots_disallowed", error=why)
             delay = robots.crawl_delay(self.limits.user_agent_token)
             if delay:
                 self.hosts.limit_rate(host_key(host), 1.0 / delay)
