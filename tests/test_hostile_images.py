@@ -61,6 +61,7 @@ class BadImage:
     faces: int = 1  # faces kept from it
     orientation: int = 1  # the orientation fetch and detect must both record
     tamper: bool = False  # replace its bytes in fetch.tar by a truncated copy after fetch
+    format: str | None = None  # the format fetch must record for it, when the test says
 
 
 def raw_profile(exif: bytes) -> PngInfo:
@@ -78,6 +79,16 @@ def picture(index: int, orientation: int = 1) -> Image.Image:
 def jpeg(index: int, exif: bytes | None, orientation: int = 1) -> bytes:
     options = {"exif": exif} if exif is not None else {}
     return encode(picture(index, orientation), "JPEG", quality=95, **options)
+
+
+def mpo(first: Image.Image, exif: bytes | None) -> bytes:
+    """A multi-picture JPEG as stereo cameras write it: `first`, then a second picture."""
+    second = painting((0, 0, 200, 200), background=120).resize(first.size)
+    options = {"exif": exif} if exif is not None else {}
+    body = encode(first, "MPO", quality=95, save_all=True, append_images=[second], **options)
+    with Image.open(io.BytesIO(body)) as image:
+        assert (image.format, image.n_frames) == ("MPO", 2)
+    return body
 
 
 @pytest.fixture
@@ -145,6 +156,8 @@ def run_battery(tmp_path: Path, settings, bad: list[BadImage]) -> None:
                 problems.append(f"stages {fetch.status}/{detect.status}")
             if fetched[keys[1]]["status"] != "ok":
                 problems.append(f"fetch status {fetched[keys[1]]['status']}")
+            if image.format and fetched[keys[1]]["format"] != image.format:
+                problems.append(f"fetch format {fetched[keys[1]]['format']}, not {image.format}")
             for name, value in image.counts.items():
                 if detect.counts.get(name, 0) != value:
                     problems.append(f"count {name} = {detect.counts.get(name, 0)}, not {value}")
@@ -215,6 +228,11 @@ def test_every_exif_orientation_puts_the_published_box_on_the_face(tmp_path, det
         BadImage("png-raw-profile-exif-6.png", encode(picture(15, 6), "PNG",
                                                       pnginfo=raw_profile(orientation_exif(6))),
                  orientation=6),
+        # a camera's multi-picture JPEG (MPO): kept as JPEG, its first picture used, whose
+        # EXIF is followed; the second (its patch elsewhere) is never looked at
+        BadImage("multi-picture-orientation-6.jpg", mpo(picture(16, 6), orientation_exif(6)),
+                 orientation=6, format="JPEG"),
+        BadImage("multi-picture.jpg", mpo(picture(17), None), format="JPEG"),
     ]  # fmt: skip
     run_battery(tmp_path, detect_settings, bad)
 

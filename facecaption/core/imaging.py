@@ -5,7 +5,9 @@ The format comes from the bytes (Pillow's magic-number sniffing), never from a C
 header. Pixel count is checked from the header before any decoding, as a guard against
 decompression bombs. The image is then fully decoded once to catch truncated or corrupt
 files; JPEGs decode in draft mode (1/8 scale), which still reads every entropy-coded byte but
-costs a fraction of a full decode.
+costs a fraction of a full decode. A camera's multi-picture JPEG (Pillow's "MPO": stereo
+pairs, previews) is a JPEG whose first image every decoder shows, the others stored after
+it: it is kept as JPEG, and its first image is the one used.
 
 Orientation: `exif_orientation` is the one function that decides how an image is turned
 upright. Fetch records its answer and detect applies it to the pixels and maps the boxes back
@@ -36,6 +38,8 @@ EXTENSIONS = {
     "TIFF": "tif",
     "BMP": "bmp",
 }
+# Formats kept under another's name: an MPO's first image is a plain JPEG stream.
+SAME_AS = {"MPO": "JPEG"}
 EXIF_ORIENTATION_TAG = 0x0112
 TIFF_SHORT = 3  # the TIFF field type EXIF requires for Orientation
 EXIF_HEADER = b"Exif\x00\x00"
@@ -163,13 +167,14 @@ def check_image(body: bytes, max_pixels: int) -> ImageCheck:
                 width, height = stored_size(image)  # TIFF: parses its Orientation tag
             except PILLOW_INPUT_ERRORS as error:
                 return ImageCheck("decode_error", f"bad header: {_describe(error)}")
+            kept_as = SAME_AS.get(image.format or "", image.format)
             described = {
-                "format": image.format,
+                "format": kept_as,
                 "width": width,
                 "height": height,
                 "mode": image.mode,
             }
-            if image.format not in EXTENSIONS:
+            if kept_as not in EXTENSIONS:
                 return ImageCheck("unsupported_format", f"{image.format} is not kept", **described)
             if width * height > max_pixels:
                 return ImageCheck(
@@ -178,7 +183,7 @@ def check_image(body: bytes, max_pixels: int) -> ImageCheck:
             if width < 1 or height < 1:
                 return ImageCheck("decode_error", f"{width}x{height}: no pixels", **described)
             try:
-                if image.format == "JPEG":
+                if kept_as == "JPEG":
                     image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
                 image.load()
             except PILLOW_INPUT_ERRORS as error:
