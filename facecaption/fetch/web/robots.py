@@ -41,15 +41,12 @@ class Rule:
         return _matches(first, pieces, anchored, path)
 
 
-def pattern_matches(pattern: str, path: str) -> bool:
-    """Whether a robots.txt path pattern matches `path` from its start: `*` is any run of
-    characters, a final `$` anchors the end."""
-    return Rule(False, pattern).matches(path)
-
-
 def _matches(first: str, pieces: list[str], anchored: bool, path: str) -> bool:
-    """Each piece between stars is found at its leftmost place after the previous one, which
-    is right for star-only patterns and linear in the path: a regex would backtrack
+    """Whether a path pattern (split at its stars, a final `$` taken off as `anchored`)
+    matches `path` from its start: `*` is any run of characters, `$` anchors the end.
+
+    Each piece between stars is found at its leftmost place after the previous one, which is
+    right for star-only patterns and linear in the path: a regex would backtrack
     exponentially on a hostile pattern such as `/*a*a*a*a*a*b$`."""
     if not path.startswith(first):
         return False
