@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[1]
 
+_HF_HOME = Path(tempfile.mkdtemp(prefix="facecaption-hf-"))
 # Airflow reads its configuration when first imported: point it at a private home now.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="facecaption-airflow-"))
 os.environ.update(
@@ -43,7 +44,7 @@ os.environ.update(
     {
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(Path(tempfile.mkdtemp(prefix="facecaption-hf-"))),
+        "HF_HOME": str(_HF_HOME),
     }
 )
 for _name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -59,7 +60,9 @@ for _name in [
 # ... nor from the developer's home: `make demo` leaves {home}/facecaption.toml (the demo's
 # models and fetch limits), which every Settings() would read. A private home for the run;
 # tests that need a home of their own set FACECAPTION_HOME themselves.
-os.environ["FACECAPTION_HOME"] = tempfile.mkdtemp(prefix="facecaption-home-")
+_FACECAPTION_HOME = Path(tempfile.mkdtemp(prefix="facecaption-home-"))
+os.environ["FACECAPTION_HOME"] = str(_FACECAPTION_HOME)
+
 
 from support.processes import settings_environment  # noqa: E402
 from support.sampledata import routes_for, sample_rows  # noqa: E402
@@ -84,6 +87,17 @@ LOOPBACK_FETCH = {
     # pins the pauses between runs)
     "row_retry_pause_s": 0,
 }
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run's private homes go when every test passed; after a failure they stay, so
+    that the Airflow metadata DB (every dag.test() run and task instance state) can be read."""
+    homes = [_AIRFLOW_HOME, _HF_HOME, _FACECAPTION_HOME]
+    if exitstatus == 0:
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
+    else:
+        print(f"\ntest homes kept for a look: {', '.join(map(str, homes))}")
 
 
 def _reachable(url: str) -> bool:
