@@ -17,6 +17,7 @@ from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current
 from facecaption.core.pipeline import Pipeline, chunked, status_totals
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.status import stale_stages
+from facecaption.release.publish import export_shards
 from facecaption.release.report import collect
 from facecaption.release.takedowns import match_pending_takedowns, request_takedown
 
@@ -104,6 +105,45 @@ def test_synthetic_state_is_current_so_selection_checks_every_fingerprint(cli_se
         third = pipeline.select_work(status="stale", max_shards=8, after=second[-1]).shard_ids
         assert first + second + third == stale
         assert [len(chunk) for chunk in chunked(stale, 8)] == [8, 8, 4]
+
+
+def test_a_publish_over_unchanged_shards_runs_no_export_and_costs_the_same_queries(
+    cli_settings,
+):
+    """The release step after every run checks every shard's export; over shards whose
+    exports are up to date (and their files there) that check is a few queries in all, not
+    the stage's lock and queries per shard. A shard whose file went missing is exported again
+    (and, its caption output being synthetic, left out with the reason)."""
+    settings = cli_settings
+
+    def exports(ids: list[str]) -> tuple[dict, dict, int]:
+        with Pipeline.open(settings) as pipeline:
+            for shard_id in ids:  # the files the synthetic exports record, at their sizes
+                with pipeline.store.publish(
+                    pipeline.store.shard_path(shard_id, "release.parquet")
+                ) as tmp:
+                    tmp.write_bytes(b"x" * 1000)
+            with count_queries() as statements:
+                exported, excluded = export_shards(pipeline)
+        return exported, excluded, len(statements)
+
+    with Pipeline.open(settings) as pipeline:
+        few = populate(pipeline.state.engine, settings, 2, takedown_requests=0)
+    exported, excluded, at_two = exports(few)
+    assert (list(exported), excluded) == (few, {})
+    with Pipeline.open(settings) as pipeline:
+        more = populate(pipeline.state.engine, settings, 18, first=2, takedown_requests=0)
+    exported, excluded, at_twenty = exports(few + more)
+    assert (list(exported), excluded) == (few + more, {})
+    assert at_twenty == at_two <= 6
+    assert exported[more[0]]["rows"] > 0  # the entry is the export's, counts included
+
+    with Pipeline.open(settings) as pipeline:
+        pipeline.store.remove(pipeline.store.shard_path(more[0], "release.parquet"))
+        with count_queries() as statements:
+            exported, excluded = export_shards(pipeline)
+    assert list(excluded) == [more[0]] and more[0] not in exported
+    assert len(exported) == 19 and len(statements) > at_twenty  # that one shard ran
 
 
 def test_takedowns_match_by_index_with_urls_normalised(cli_settings):

@@ -53,12 +53,13 @@ from facecaption.core.artifacts import (
     RELEASE_SCHEMA,
     TRAIN_TAR,
 )
-from facecaption.core.runner import as_recorded
-from facecaption.core.stage import StageInputError
+from facecaption.core.fingerprints import Fingerprints
+from facecaption.core.runner import artifacts_intact, as_recorded
+from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.store import ArtifactChecksumError, ArtifactStore
 from facecaption.release.takedowns import index_unindexed_fetches
 from facecaption.settings import ExportSettings
-from facecaption.state import ShardBusyError, StageState
+from facecaption.state import Shard, ShardBusyError, StageState
 from facecaption.state.exports import (
     hold_release_attempt,
     record_export,
@@ -171,30 +172,77 @@ def publish_release(pipeline: Pipeline) -> ReleaseReport:
 
 def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Run the export stage on every shard whose captions are done; the export state of
-    each shard that has one, and why the others are left out."""
-    exported: dict[str, dict[str, Any]] = {}
+    each shard that has one, and why the others are left out.
+
+    Whether a shard's export is up to date is decided for all shards at once, from the
+    stage rows and takedown matches read in a few queries (`Fingerprints.prefetch`) and a
+    size check of its files: a publish over thousands of unchanged shards runs the stage
+    (a lock and several queries each) only where there is something to export."""
+    fingerprints = Fingerprints.prefetch(
+        pipeline.settings, pipeline.state, stage_registry(), None, epochs=False
+    )
+    shards = pipeline.state.list_shards()
+    checked = {}  # shard id -> the fingerprint of its export, found up to date
+    for shard in shards:
+        fingerprint = _current_export(pipeline, fingerprints, shard)
+        if fingerprint:
+            checked[shard.shard_id] = fingerprint
+    found = {
+        state.shard_id: _export_entry(state)
+        for state in pipeline.state.stage_table(list(checked), stages=["export"])
+        # read again in full (the prefetch keeps no counts); one changed since is run below
+        if state.status == "done" and state.fingerprint == checked[state.shard_id]
+    }
     excluded: dict[str, str] = {}
-    for shard in pipeline.state.list_shards():
-        try:
-            pipeline.run("export", shard.shard_id)
-        except StageInputError as error:
-            excluded[shard.shard_id] = str(error)
-            continue
-        except ShardBusyError:
-            # another worker is exporting it now: release what it last finished, if it can be
-            state = pipeline.state.get_stage(shard.shard_id, "export")
-            reason = _last_export_unusable(pipeline, state)
-            if reason:
-                excluded[shard.shard_id] = reason
-            else:
-                exported[shard.shard_id] = _export_entry(state)
-            continue
-        state = pipeline.state.get_stage(shard.shard_id, "export")
-        if state.status != "done" or RELEASE_PARQUET not in state.artifacts:
-            excluded[shard.shard_id] = f"export of shard {shard.shard_id} is {state.status}"
-            continue
-        exported[shard.shard_id] = _export_entry(state)
-    return exported, excluded
+    for shard in shards:
+        if shard.shard_id not in found:
+            _export_one(pipeline, shard.shard_id, found, excluded)
+    return {s.shard_id: found[s.shard_id] for s in shards if s.shard_id in found}, excluded
+
+
+def _export_one(
+    pipeline: Pipeline,
+    shard_id: str,
+    exported: dict[str, dict[str, Any]],
+    excluded: dict[str, str],
+) -> None:
+    """Run the export stage on one shard; its entry into `exported`, or why not into
+    `excluded`."""
+    try:
+        pipeline.run("export", shard_id)
+    except StageInputError as error:
+        excluded[shard_id] = str(error)
+        return
+    except ShardBusyError:
+        # another worker is exporting it now: release what it last finished, if it can be
+        state = pipeline.state.get_stage(shard_id, "export")
+        reason = _last_export_unusable(pipeline, state)
+        if reason:
+            excluded[shard_id] = reason
+        else:
+            exported[shard_id] = _export_entry(state)
+        return
+    state = pipeline.state.get_stage(shard_id, "export")
+    if state.status != "done" or RELEASE_PARQUET not in state.artifacts:
+        excluded[shard_id] = f"export of shard {shard_id} is {state.status}"
+        return
+    exported[shard_id] = _export_entry(state)
+
+
+def _current_export(pipeline: Pipeline, fingerprints: Fingerprints, shard: Shard) -> str | None:
+    """The fingerprint of the shard's export when the runner would skip it as up to date
+    (done, its files there with their recorded sizes, its fingerprint the one its inputs
+    give now); None when it has to run."""
+    state = fingerprints.inputs.find(shard.shard_id, "export")
+    if state is None or state.status != "done" or RELEASE_PARQUET not in state.artifacts:
+        return None
+    try:
+        wanted = fingerprints.current("export", shard)
+    except StageInputError:
+        return None  # running it says why its inputs are not ready
+    if wanted != state.fingerprint:
+        return None
+    return wanted if artifacts_intact(pipeline.store, shard.shard_id, state.artifacts) else None
 
 
 def _export_entry(state: StageState) -> dict[str, Any]:

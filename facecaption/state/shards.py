@@ -370,17 +370,23 @@ class ShardState:
         return StageState(**{k: row[k] for k in StageState.__dataclass_fields__})
 
     def stage_table(
-        self, shard_ids: Sequence[str] | None = None, *, artifacts: bool = True
+        self,
+        shard_ids: Sequence[str] | None = None,
+        *,
+        artifacts: bool = True,
+        stages: Sequence[str] | None = None,
     ) -> list[StageState]:
-        """Every stage row of some shards (None: all); without `artifacts`, their artifacts
-        are left empty. The json columns come as text and are decoded here with msgspec (an
-        empty list of warnings not at all): at 25,000 rows decoding is most of the cost."""
+        """Every stage row of some shards (None: all), of some `stages` (None: all); without
+        `artifacts`, their artifacts are left empty. The json columns come as text and are
+        decoded here with msgspec (an empty list of warnings not at all): at 25,000 rows
+        decoding is most of the cost."""
         artifacts_column = "artifacts::text" if artifacts else "'{}'"
         rows = self._stage_rows(
             "shard_id, stage, status, attempt, worker, started_at, finished_at, counts::text"
             f" AS counts, {artifacts_column} AS artifacts, last_error, fingerprint,"
             " warnings::text AS warnings, retry_at",
             shard_ids,
+            stages=stages,
         )
         loads = _decode_json
         return [
@@ -436,13 +442,22 @@ class ShardState:
         ]
 
     def _stage_rows(
-        self, columns: str, shard_ids: Sequence[str] | None, params: dict[str, Any] | None = None
+        self,
+        columns: str,
+        shard_ids: Sequence[str] | None,
+        params: dict[str, Any] | None = None,
+        stages: Sequence[str] | None = None,
     ) -> list[Any]:
-        query = f"SELECT {columns} FROM shard_stages"
-        params = dict(params or {})
+        filters, params = [], dict(params or {})
         if shard_ids is not None:
-            query += " WHERE shard_id = ANY(:ids)"
+            filters.append("shard_id = ANY(:ids)")
             params["ids"] = list(shard_ids)
+        if stages is not None:
+            filters.append("stage = ANY(:stages)")
+            params["stages"] = list(stages)
+        query = f"SELECT {columns} FROM shard_stages"
+        if filters:
+            query += " WHERE " + " AND ".join(filters)
         with self.engine.connect() as conn:
             return conn.execute(sa.text(query), params).all()
 
