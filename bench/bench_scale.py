@@ -11,6 +11,9 @@
 
     python bench/bench_scale.py --write docs/benchmarks.md
 
+`--requests-only` measures part 2 alone (a few minutes instead of the 50M-row plan's run);
+with `--write` it rewrites the requests' table and keeps the plan's from the page as it was.
+
 Needs the local Postgres (`--admin-url`, default postgres@127.0.0.1:5432); creates and drops
 its own databases. The Airflow per-shard overhead part of issue 16 is not measured here.
 """
@@ -47,6 +50,8 @@ from facecaption.settings import Settings
 from facecaption.state.db import upgrade
 
 ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+SECTION = "Scale: LAION-Face size"
+COMMAND = "python bench/bench_scale.py --write docs/benchmarks.md"
 ROW_GROUP = 100_000
 
 
@@ -179,6 +184,72 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
     return {"generated_s": generated, "requests": results}
 
 
+def measure_plan(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: write the synthetic source, plan it twice into a throwaway database."""
+    start = time.perf_counter()
+    source_bytes = write_parts(tmp / "laion-face", args.rows, args.parts)
+    generated_s = time.perf_counter() - start
+    with throwaway_db(args.admin_url) as db_url:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("FACECAPTION_")},
+            "FACECAPTION_HOME": str(tmp / "home"),
+            "FACECAPTION_DB_URL": db_url,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+        first = run_plan_measured(tmp / "laion-face", env)
+        again = run_plan_measured(tmp / "laion-face", env)
+        engine = sa.create_engine(db_url)
+        with engine.connect() as conn:
+            planned_shards = conn.execute(sa.text("SELECT count(*) FROM shards")).scalar()
+            planned_rows = conn.execute(
+                sa.text("SELECT sum(row_end - row_start) FROM shards")
+            ).scalar()
+        engine.dispose()
+    shutil.rmtree(tmp / "laion-face")
+    assert planned_rows == args.rows, (planned_rows, args.rows)
+    assert "0 new" in again["out"] and "new)" in first["out"]
+    return {"first": first, "again": again, "shards": planned_shards,
+            "source_bytes": source_bytes, "generated_s": generated_s}  # fmt: skip
+
+
+def plan_lines(plan: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    first, again = plan["first"], plan["again"]
+    return [
+        f"**Plan.** {args.rows:,} synthetic rows in {args.parts} parquet parts"
+        f" ({plan['source_bytes'] / 2**30:.2f} GiB, LAION-Face's columns, row groups of"
+        f" {ROW_GROUP:,}; written in {plan['generated_s']:.0f} s), planned into"
+        f" {plan['shards']:,} shards of 10,000 rows by `facecaption plan FOLDER` in its own"
+        " process (peak RSS: its VmHWM).",
+        "",
+        "| plan | planning s | whole process s | peak RSS MiB |",
+        "|---|---:|---:|---:|",
+        f"| first: every file hashed once, footers read, shards registered |"
+        f" {first['seconds']:.2f} | {first['process_s']:.1f} | {first['peak_mib']:.0f} |",
+        f"| again, nothing changed: stat only, no byte read |"
+        f" {again['seconds']:.2f} | {again['process_s']:.1f} | {again['peak_mib']:.0f} |",
+        "",
+        f"Re-planning takes {again['seconds'] / first['seconds']:.2f}x the first plan's time"
+        " (before, every plan hashed every file in full). Planning s: `main(['plan', ...])`"
+        " in the child, interpreter start and imports excluded.",
+    ]
+
+
+def kept_plan_lines(page: Path | None) -> list[str]:
+    """The plan's paragraphs and table as the page has them (a `--requests-only` run)."""
+    text = page.read_text() if page is not None and page.exists() else ""
+    section = text.split(f"## {SECTION}\n", 1)[-1].split("\n## ", 1)[0] if text else ""
+    if "**Plan.**" not in section:
+        return ["**Plan.** Not measured (`--requests-only`)."]
+    kept = section[section.index("**Plan.**") : section.index("**Requests.**")]
+    kept = kept.split("\n\n_Not re-measured")[0].rstrip("\n")
+    return [
+        *kept.split("\n"),
+        "",
+        "_Not re-measured in this run (`--requests-only`): the plan's figures are from the"
+        f" last full run, `{COMMAND}`._",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=50_000_000, help="rows to plan")
@@ -187,6 +258,10 @@ def main() -> None:
     parser.add_argument("--index-rows", type=int, default=400, help="indexed images per shard")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--admin-url", default=ADMIN_URL)
+    parser.add_argument(
+        "--requests-only", action="store_true",
+        help="skip the plan part; --write keeps the plan's figures on the page as they were",
+    )  # fmt: skip
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
 
@@ -194,30 +269,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fc-bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
         model = build_statistics_model(tmp / "models" / "statistics.onnx")
-
-        # 1. planning
-        start = time.perf_counter()
-        source_bytes = write_parts(tmp / "laion-face", args.rows, args.parts)
-        generated_s = time.perf_counter() - start
-        with throwaway_db(args.admin_url) as db_url:
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith("FACECAPTION_")},
-                "FACECAPTION_HOME": str(tmp / "home"),
-                "FACECAPTION_DB_URL": db_url,
-                "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-            }
-            first = run_plan_measured(tmp / "laion-face", env)
-            again = run_plan_measured(tmp / "laion-face", env)
-            engine = sa.create_engine(db_url)
-            with engine.connect() as conn:
-                planned_shards = conn.execute(sa.text("SELECT count(*) FROM shards")).scalar()
-                planned_rows = conn.execute(
-                    sa.text("SELECT sum(row_end - row_start) FROM shards")
-                ).scalar()
-            engine.dispose()
-        shutil.rmtree(tmp / "laion-face")
-        assert planned_rows == args.rows, (planned_rows, args.rows)
-        assert "0 new" in again["out"] and "new)" in first["out"]
+        plan = None if args.requests_only else measure_plan(tmp, args)  # 1. planning
 
         # 2. requests at two sizes
         measured = {}
@@ -235,28 +287,13 @@ def main() -> None:
     total_s = time.perf_counter() - wall
 
     small, large = args.shards
-    gib = source_bytes / 2**30
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work (load"
         f" average {os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()},"
         f" PostgreSQL on loopback. Whole run {total_s / 60:.1f} min. Absolute seconds move with"
         " the load; the ratios and query counts are what to read.",
         "",
-        f"**Plan.** {args.rows:,} synthetic rows in {args.parts} parquet parts ({gib:.2f} GiB,"
-        f" LAION-Face's columns, row groups of {ROW_GROUP:,}; written in {generated_s:.0f} s),"
-        f" planned into {planned_shards:,} shards of 10,000 rows by `facecaption plan FOLDER`"
-        " in its own process (peak RSS: its VmHWM).",
-        "",
-        "| plan | planning s | whole process s | peak RSS MiB |",
-        "|---|---:|---:|---:|",
-        f"| first: every file hashed once, footers read, shards registered |"
-        f" {first['seconds']:.2f} | {first['process_s']:.1f} | {first['peak_mib']:.0f} |",
-        f"| again, nothing changed: stat only, no byte read |"
-        f" {again['seconds']:.2f} | {again['process_s']:.1f} | {again['peak_mib']:.0f} |",
-        "",
-        f"Re-planning takes {again['seconds'] / first['seconds']:.2f}x the first plan's time"
-        " (before, every plan hashed every file in full). Planning s: `main(['plan', ...])`"
-        " in the child, interpreter start and imports excluded.",
+        *(kept_plan_lines(args.write) if plan is None else plan_lines(plan, args)),
         "",
         f"**Requests.** Synthetic state written straight into a throwaway database: every"
         f" stage done and current, export statistics, attempt history, {args.index_rows:,}"
@@ -286,10 +323,14 @@ def main() -> None:
         " matching read only what they show or match.",
     ]
     print("\n".join(lines))
-    print(json.dumps({"plan": [first, again], "requests": measured}, default=str)[:2000])
+    print(json.dumps({"plan": plan, "requests": measured}, default=str)[:2000])
     if args.write:
-        command = "python bench/bench_scale.py --write docs/benchmarks.md"
-        write_section(args.write, "Scale: LAION-Face size", command, lines)
+        command = (
+            "python bench/bench_scale.py --requests-only --write docs/benchmarks.md"
+            if args.requests_only
+            else COMMAND
+        )
+        write_section(args.write, SECTION, command, lines)
 
 
 if __name__ == "__main__":
