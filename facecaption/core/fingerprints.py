@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from facecaption.core.stage import Stage, StageInputs
@@ -121,9 +122,9 @@ class Fingerprints:
         fetch fingerprints cover): at most three queries."""
         matches = TakedownIndex(state.engine).matches_by_shard(shard_ids) if takedowns else {}
         raised = ImageHashIndex(state.engine).epochs(shard_ids) if epochs else {}
-        # a stage's recorded inputs matter here only where they name an input stage's
-        # checksums (`upstream_chain` compares those)
-        rows = state.work_table(shard_ids, input_keys=list(stages))
+        # a stage's recorded inputs matter here only where they name the checksums of the
+        # stage before it: `upstream_chain` compares those, in chains in pipeline order
+        rows = state.work_table(shard_ids, {stage: before for before, stage in pairwise(stages)})
         inputs = PrefetchedStageInputs(rows, matches, raised)
         return cls(settings, stages, inputs)
 

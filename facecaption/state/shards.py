@@ -263,8 +263,8 @@ class ShardState:
 
     _SHARD_QUERY = (
         "SELECT s.shard_id, s.source_id, s.shard_index, s.row_start, s.row_end,"
-        " src.uri AS source_uri, src.columns, f.size_bytes AS file_size, f.modified AS"
-        " file_modified, f.etag AS file_etag FROM shards s"
+        " src.uri AS source_uri, src.columns::text AS columns, f.size_bytes AS file_size,"
+        " f.modified AS file_modified, f.etag AS file_etag FROM shards s"
         " JOIN sources src ON src.source_id = s.source_id"
         " LEFT JOIN source_files f ON f.uri = src.uri AND f.source_id = src.source_id"
     )
@@ -278,6 +278,8 @@ class ShardState:
             else None
         )
         fields = {k: row[k] for k in Shard.__dataclass_fields__ if k != "source_version"}
+        # as text, decoded here: psycopg2's json.loads costs 10x msgspec's at 5,000 shards
+        fields["columns"] = _decode_json(fields["columns"])
         return Shard(**fields, source_version=version)
 
     def get_shard(self, shard_id: str) -> Shard:
@@ -380,70 +382,68 @@ class ShardState:
         `artifacts`, their artifacts are left empty. The json columns come as text and are
         decoded here with msgspec (an empty list of warnings not at all): at 25,000 rows
         decoding is most of the cost."""
-        artifacts_column = "artifacts::text" if artifacts else "'{}'"
         rows = self._stage_rows(
-            "shard_id, stage, status, attempt, worker, started_at, finished_at, counts::text"
-            f" AS counts, {artifacts_column} AS artifacts, last_error, fingerprint,"
-            " warnings::text AS warnings, retry_at",
+            "SELECT shard_id, stage, status, attempt, worker, started_at, finished_at,"
+            f" counts::text, {'artifacts::text' if artifacts else 'NULL'}, last_error,"
+            " fingerprint, warnings::text, retry_at FROM shard_stages",
             shard_ids,
             stages=stages,
         )
         loads = _decode_json
+        # unpacked, not read by name: at 25,000 rows a named read of each column costs more
+        # than decoding the json columns
         return [
             StageState(
-                row.shard_id,
-                row.stage,
-                row.status,
-                row.attempt,
-                row.worker,
-                row.started_at,
-                row.finished_at,
-                loads(row.counts),
-                loads(row.artifacts),
-                row.last_error,
-                row.fingerprint,
-                [] if row.warnings == "[]" else loads(row.warnings),
-                retry_at=row.retry_at,
+                shard_id, stage, status, attempt, worker, started_at, finished_at,
+                loads(counts), {} if artifacts_text is None else loads(artifacts_text),
+                last_error, fingerprint, [] if warnings == "[]" else loads(warnings),
+                retry_at=retry_at,
             )
-            for row in rows
-        ]
+            for (
+                shard_id, stage, status, attempt, worker, started_at, finished_at, counts,
+                artifacts_text, last_error, fingerprint, warnings, retry_at,
+            ) in rows
+        ]  # fmt: skip
 
     def work_table(
-        self, shard_ids: Sequence[str] | None = None, input_keys: Sequence[str] = ()
+        self, shard_ids: Sequence[str] | None = None, checked_inputs: dict[str, str] | None = None
     ) -> list[StageState]:
         """The stage rows as work selection reads them: status, attempt, fingerprint,
         artifacts, of the counts only `retryable` (what selection looks at, with `retry_at`,
-        when that work is due), and of the
-        inputs each ran on only `input_keys` (the input stages a fingerprint checks them
-        against; None for rows from before inputs were recorded)."""
+        when that work is due), and of the inputs each ran on only the one `checked_inputs`
+        names for its stage (stage -> the input stage whose checksums they are checked
+        against; {} for the others, None for rows from before inputs were recorded)."""
+        checked = checked_inputs or {}
         rows = self._stage_rows(
-            "shard_id, stage, status, attempt, fingerprint, artifacts::text AS artifacts,"
+            "SELECT shard_id, stage, status, attempt, fingerprint, artifacts::text,"
             " CASE WHEN jsonb_typeof(counts -> 'retryable') = 'number'"
-            " THEN (counts ->> 'retryable')::numeric END AS retryable, retry_at,"
-            " CASE WHEN inputs IS NOT NULL THEN COALESCE((SELECT jsonb_object_agg(i.key,"
-            " i.value) FROM jsonb_each(inputs) i WHERE i.key = ANY(CAST(:keys AS text[]))),"
-            " '{}')::text END AS inputs",
+            " THEN (counts ->> 'retryable')::numeric END, retry_at, inputs IS NULL,"
+            " checked.input, (inputs -> checked.input)::text FROM shard_stages"
+            " LEFT JOIN unnest(CAST(:stages AS text[]), CAST(:inputs AS text[]))"
+            " AS checked (stage, input) USING (stage)",
             shard_ids,
-            {"keys": list(input_keys)},
+            {"stages": list(checked), "inputs": list(checked.values())},
         )
+        loads = _decode_json
         return [
             StageState(
-                row.shard_id,
-                row.stage,
-                row.status,
-                row.attempt,
-                counts={"retryable": int(row.retryable)} if row.retryable else {},
-                artifacts=_decode_json(row.artifacts),
-                fingerprint=row.fingerprint,
-                inputs=None if row.inputs is None else _decode_json(row.inputs),
-                retry_at=row.retry_at,
+                shard_id, stage, status, attempt,
+                counts={"retryable": int(retryable)} if retryable else {},
+                artifacts=loads(artifacts), fingerprint=fingerprint,
+                inputs=(
+                    None if unrecorded else {} if ran_on is None else {checked_input: loads(ran_on)}
+                ),
+                retry_at=retry_at,
             )
-            for row in rows
-        ]
+            for (
+                shard_id, stage, status, attempt, fingerprint, artifacts, retryable, retry_at,
+                unrecorded, checked_input, ran_on,
+            ) in rows
+        ]  # fmt: skip
 
     def _stage_rows(
         self,
-        columns: str,
+        select: str,
         shard_ids: Sequence[str] | None,
         params: dict[str, Any] | None = None,
         stages: Sequence[str] | None = None,
@@ -453,11 +453,9 @@ class ShardState:
             filters.append("shard_id = ANY(:ids)")
             params["ids"] = list(shard_ids)
         if stages is not None:
-            filters.append("stage = ANY(:stages)")
-            params["stages"] = list(stages)
-        query = f"SELECT {columns} FROM shard_stages"
-        if filters:
-            query += " WHERE " + " AND ".join(filters)
+            filters.append("stage = ANY(:stage_names)")
+            params["stage_names"] = list(stages)
+        query = select + (" WHERE " + " AND ".join(filters) if filters else "")
         with self.engine.connect() as conn:
             return conn.execute(sa.text(query), params).all()
 
