@@ -5,6 +5,7 @@ The state is synthetic (tests/support/scale.py), written straight into the test'
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from support.scale import count_queries, image_sha256, image_url, populate
 
 from facecaption.cli import main
+from facecaption.core.bulk import collector_paused
 from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current_fingerprint
 from facecaption.core.pipeline import Pipeline, chunked, status_totals
 from facecaption.core.stage import StageInputError, stage_registry
@@ -269,3 +271,26 @@ def test_status_filters_and_pages_in_sql(cli_settings):
         assert row.stages["caption"].status == "pending"
         with pytest.raises(ValueError, match="status must be"):
             pipeline.status(status="stale")
+
+
+def test_the_collector_pause_leaves_the_collector_as_it_found_it():
+    """Selection, status and the report hold the cyclic collector off while they build
+    their objects: an inner block does not turn it back on early, a block that found it off
+    leaves it off, and an error in the block still turns it back on."""
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

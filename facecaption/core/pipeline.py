@@ -7,12 +7,12 @@ shards, run a stage on a shard, and report shard x stage status.
 from __future__ import annotations
 
 import multiprocessing
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from facecaption.core.bulk import collector_paused
 from facecaption.core.errors import PermanentError
 from facecaption.core.fingerprints import Fingerprints
 from facecaption.core.progress import ProgressEvent, ProgressSink
@@ -33,7 +33,6 @@ from facecaption.state import (
 from facecaption.state.shards import STATUSES, ShardFilter
 
 WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
-WORK_PARTS = ("pending", "retryable", "stale")  # what `work` means
 PROGRESS_POLL_S = 0.2  # how often progress from worker processes is passed on
 
 
@@ -182,6 +181,16 @@ class Pipeline:
         if status == "all":
             return WorkSelection([s.shard_id for s in chosen[: max_shards or None]], plan_errors)
         everything = not (sources or shard_ids or after)
+        with collector_paused():  # what it reads is gone before the collector runs again
+            selected = self._with_work(chosen, everything, stages, status, max_shards)
+        return WorkSelection(selected, plan_errors)
+
+    def _with_work(
+        self, chosen: list[Shard], everything: bool, stages: list[str], status: str,
+        max_shards: int | None,
+    ) -> list[str]:  # fmt: skip
+        """The ids of the `chosen` shards (`everything`: all registered) with work in
+        `stages` that matches `status` (not `all`), at most `max_shards`."""
         fingerprints = Fingerprints.prefetch(
             self.settings, self.state, stage_registry(),
             None if everything else [shard.shard_id for shard in chosen],
@@ -194,7 +203,7 @@ class Pipeline:
                 break
             if any(_has_work(fingerprints, shard, stage, status) for stage in stages):
                 selected.append(shard.shard_id)
-        return WorkSelection(selected, plan_errors)
+        return selected
 
     def run(
         self,
@@ -267,44 +276,45 @@ class Pipeline:
             if missing and not (status or contains or limit is not None or offset):
                 raise UnknownShardError(f"unknown shards: {sorted(missing)}")
         everything = shard_ids is None and not (status or contains or limit or offset)
-        by_key = {
-            (s.shard_id, s.stage): s
-            for s in self.state.stage_table(
-                None if everything else [shard.shard_id for shard in shards], artifacts=artifacts
-            )
-        }
-        rows = [
-            ShardStatusRow(
-                shard.shard_id,
-                shard.source_uri.rsplit("/", 1)[-1],
-                shard.num_rows,
-                {
-                    name: by_key.get(
-                        (shard.shard_id, name), StageState(shard.shard_id, name, "pending")
-                    )
-                    for name in names
-                },
-            )
-            for shard in shards
-        ]
+        with collector_paused():
+            by_key = {
+                (s.shard_id, s.stage): s
+                for s in self.state.stage_table(
+                    None if everything else [shard.shard_id for shard in shards],
+                    artifacts=artifacts,
+                )
+            }
+            rows = [
+                ShardStatusRow(
+                    shard.shard_id,
+                    shard.source_uri.rsplit("/", 1)[-1],
+                    shard.num_rows,
+                    {
+                        name: by_key.get((shard.shard_id, name))
+                        or StageState(shard.shard_id, name, "pending")
+                        for name in names
+                    },
+                )
+                for shard in shards
+            ]
         stage_totals = self.state.stage_totals(registered, names) if totals else {}
         return StatusPage(rows, matched, registered, stage_totals)
 
 
 def _has_work(fingerprints: Fingerprints, shard: Shard, stage: str, status: str) -> bool:
     """Whether `stage` of `shard` matches a work status (see `Pipeline.select_work`)."""
-    if status == "work":
-        return any(_has_work(fingerprints, shard, stage, one) for one in WORK_PARTS)
     state = fingerprints.inputs.find(shard.shard_id, stage)
     current = state.status if state else "pending"
-    if status == "pending":
-        return current != "done"
     if status == "failed":
         return current == "failed"
     if current != "done" or state is None:
+        return status in ("pending", "work")  # neither retryable nor stale before it is done
+    if status == "pending":
         return False
+    if status != "stale" and retry_due(state):
+        return True  # retryable, or work
     if status == "retryable":
-        return retry_due(state)
+        return False
     try:
         wanted = fingerprints.current(stage, shard)
     except StageInputError:
@@ -451,15 +461,17 @@ def _run_pass(
 
 def status_totals(rows: list[ShardStatusRow]) -> dict[str, dict[str, Any]]:
     """Per stage: shards by status and the sum of each count."""
-    totals: dict[str, dict[str, Any]] = {}
+    totals: dict[str, tuple[dict[str, int], dict[str, Any]]] = {}
     for row in rows:
         for stage, state in row.stages.items():
-            entry = totals.setdefault(stage, {"shards": Counter(), "counts": Counter()})
-            entry["shards"][state.status] += 1
+            entry = totals.get(stage)
+            if entry is None:
+                entry = totals[stage] = ({}, {})
+            shards, counts = entry
+            shards[state.status] = shards.get(state.status, 0) + 1
             for name, value in state.counts.items():
                 if isinstance(value, int):
-                    entry["counts"][name] += value
+                    counts[name] = counts.get(name, 0) + value
     return {
-        stage: {"shards": dict(entry["shards"]), "counts": dict(entry["counts"])}
-        for stage, entry in totals.items()
+        stage: {"shards": shards, "counts": counts} for stage, (shards, counts) in totals.items()
     }

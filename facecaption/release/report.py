@@ -37,6 +37,7 @@ from facecaption.core.artifacts import (
     RELEASE_PARQUET,
     REPORT_NAME,
 )
+from facecaption.core.bulk import collector_paused
 from facecaption.core.store import ArtifactStore
 from facecaption.fetch.web.throttle import HOST_COUNTS
 from facecaption.release import report_faces
@@ -110,7 +111,8 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
         if name not in {"rows", "bytes", "fetched", "reused", "retryable", *HOST_COUNTS}
     }
     gallery_faces = pipeline.settings.export.report_gallery_faces
-    merged = merge_stats(export_stats(pipeline).values(), max_crops, gallery_faces)
+    with collector_paused():  # the shards' statistics are gone before it runs again
+        merged = merge_stats(export_stats(pipeline).values(), max_crops, gallery_faces)
     quality = merged["quality_scores"]
     categories = {
         category: sum(merged["attributes"][name] for name in names)
