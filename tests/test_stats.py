@@ -37,6 +37,22 @@ def test_sketch_survives_its_text_form():
     assert len(sketch.to_text()) < 6000  # a few KB per shard and kind in the state DB
 
 
+def test_sketches_merged_from_their_text_form_in_batches_are_merged_one_by_one(monkeypatch):
+    """The report merges each shard's sketch texts in numpy batches (a batch size that does
+    not divide their number here): the same registers as merging them one by one."""
+    monkeypatch.setattr(DistinctSketch, "MERGE_BATCH", 3)
+    texts = [sketch_of(f"w{i} {part}" for i in range(part * 40)).to_text() for part in range(8)]
+    one_by_one = sketch_of(["already there"])
+    for text in texts:
+        one_by_one.merge(DistinctSketch.from_text(text))
+    batched = sketch_of(["already there"])
+    batched.merge_texts(iter(texts))
+    assert (batched.registers == one_by_one.registers).all()
+    empty = DistinctSketch()
+    empty.merge_texts([])
+    assert empty.estimate() == 0
+
+
 @pytest.mark.parametrize(
     ("url", "normal"),
     [

@@ -76,6 +76,7 @@ class DistinctSketch:
     PRECISION = 12
     REGISTERS = 1 << PRECISION
     _REST_BITS = 64 - PRECISION
+    MERGE_BATCH = 1024  # sketches `merge_texts` stacks at once: 4 MiB of registers
 
     def __init__(self, registers: np.ndarray | None = None) -> None:
         self.registers = (
@@ -120,6 +121,22 @@ class DistinctSketch:
     def from_text(cls, text: str) -> DistinctSketch:
         raw = zlib.decompress(base64.b64decode(text))
         return cls(np.frombuffer(raw, np.uint8))
+
+    def merge_texts(self, texts: Iterable[str]) -> None:
+        """Merge many sketches in their text form (`to_text`): what merging each `from_text`
+        does, in one numpy maximum per batch of them (the report merges two per shard)."""
+        batch: list[bytes] = []
+        for text in texts:
+            batch.append(zlib.decompress(base64.b64decode(text)))
+            if len(batch) == self.MERGE_BATCH:
+                self._merge_raw(batch)
+                batch = []
+        if batch:
+            self._merge_raw(batch)
+
+    def _merge_raw(self, batch: list[bytes]) -> None:
+        stacked = np.frombuffer(b"".join(batch), np.uint8).reshape(len(batch), self.REGISTERS)
+        np.maximum(self.registers, stacked.max(axis=0), out=self.registers)
 
 
 def _gram_text(gram: tuple[str, ...]) -> str:
@@ -280,17 +297,18 @@ def merge_stats(
     image_sides = [0] * (len(SIDE_BINS) - 1)
     face_sides = [0] * (len(SIDE_BINS) - 1)
     caption_words = [0] * (len(WORD_BINS) - 1)
-    labels: Counter[str] = Counter()
-    sources: Counter[str] = Counter()
-    fidelity: Counter[str] = Counter()
-    sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
-    texts = Counter[str]()
+    labels: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    fidelity: dict[str, int] = {}
+    sketch_texts: dict[str, list[str]] = {kind: [] for kind in TEXT_KINDS}
+    texts = dict.fromkeys(TEXT_KINDS, 0)
     candidates: list[tuple[bytes, float]] = []
-    models: dict[str, Counter[str]] = {stage: Counter() for stage in MODEL_STAGES}
+    models: dict[str, dict[str, int]] = {stage: {} for stage in MODEL_STAGES}
     gallery: list[tuple[bytes, dict[str, Any]]] = []
     released = 0
     notes: set[str] = set()
     shards = 0
+    sha256 = hashlib.sha256
     for stats in all_stats:
         shards += 1
         for total, part in (
@@ -300,32 +318,35 @@ def merge_stats(
         ):
             for index, count in enumerate(part):
                 total[index] += count
-        labels.update(stats["attributes"])
-        sources.update(stats["caption_sources"])
-        fidelity.update(stats["fidelity"])
+        for counter, part in (
+            (labels, stats["attributes"]),
+            (sources, stats["caption_sources"]),
+            (fidelity, stats["fidelity"]),
+            *((models[stage], ids) for stage, ids in stats["models"].items()),
+        ):
+            for name, count in part.items():
+                counter[name] = counter.get(name, 0) + count
         for kind in TEXT_KINDS:
             texts[kind] += stats["ngrams"][kind]["captions"]
-            sketches[kind].merge(DistinctSketch.from_text(stats["ngrams"][kind]["sketch"]))
+            sketch_texts[kind].append(stats["ngrams"][kind]["sketch"])
         quality = stats["quality"]
         released += quality["released"]
         if quality["note"]:
             notes.add(quality["note"])
         candidates += [
-            (hashlib.sha256(face_id.encode()).digest(), score)
-            for face_id, score in quality["scores"]
+            (sha256(face_id.encode()).digest(), score) for face_id, score in quality["scores"]
         ]
-        for stage, ids in stats["models"].items():
-            models[stage].update(ids)
-        gallery += [
-            (hashlib.sha256(face["face_id"].encode()).digest(), face) for face in stats["gallery"]
-        ]
+        gallery += [(sha256(face["face_id"].encode()).digest(), face) for face in stats["gallery"]]
+    sketches = {kind: DistinctSketch() for kind in TEXT_KINDS}
+    for kind in TEXT_KINDS:
+        sketches[kind].merge_texts(sketch_texts[kind])
     quality_scores = [score for _, score in sorted(candidates)[:max_crops]]
     return {
         "shards": shards,
         "image_min_side": image_sides,
         "face_min_side": face_sides,
         "caption_words": caption_words,
-        "attributes": {name: labels[name] for name in CELEBA_ATTRIBUTES},
+        "attributes": {name: labels.get(name, 0) for name in CELEBA_ATTRIBUTES},
         "caption_sources": dict(sorted(sources.items())),
         "fidelity": dict(sorted(fidelity.items())),
         "unique_4grams": {
@@ -336,7 +357,10 @@ def merge_stats(
         "quality_candidates": len(candidates),
         "released": released,
         "quality_note": "; ".join(sorted(notes)),
-        "models": {stage: dict(ids.most_common()) for stage, ids in models.items()},
+        "models": {
+            stage: dict(sorted(ids.items(), key=lambda item: -item[1]))
+            for stage, ids in models.items()
+        },
         "gallery_faces": [face for _, face in sorted(gallery, key=lambda c: c[0])[:gallery_faces]],
         "gallery_candidates": len(gallery),
     }
