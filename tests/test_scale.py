@@ -19,6 +19,7 @@ from facecaption.core.fingerprints import Fingerprints, LiveStageInputs, current
 from facecaption.core.pipeline import Pipeline, chunked, status_totals
 from facecaption.core.stage import StageInputError, stage_registry
 from facecaption.core.status import stale_stages
+from facecaption.release.export import UPSTREAM
 from facecaption.release.publish import export_shards
 from facecaption.release.report import collect
 from facecaption.release.takedowns import match_pending_takedowns, request_takedown
@@ -228,6 +229,9 @@ def test_bulk_fingerprints_cover_dedup_epochs_and_what_each_stage_ran_on(cli_set
                 assert outcome(bulk.current, name, shard) == outcome(
                     current_fingerprint, stage, shard, settings, live
                 ), (shard.shard_id, name)
+        # prefetch reads of a stage's recorded inputs only the stage before it in pipeline
+        # order, which is the order of export's chain
+        assert list(UPSTREAM) == list(registry)[: len(UPSTREAM)]
         [chained] = pipeline.state.list_shards(shard_ids=[ids[2]])
         assert "attribute of shard" in outcome(bulk.current, "export", chained)
         assert pipeline.select_work(status="stale", stages=["fetch"]).shard_ids == [ids[1]]
