@@ -16,13 +16,15 @@ if str(TESTS) not in sys.path:
 
 
 def write_section(path: Path, title: str, command: str, lines: list[str]) -> None:
-    """Replace (or add) one `## title` section of the benchmarks page."""
-    section = [f"## {title}", "", f"Command: `{command}`", "", *lines, ""]
+    """Replace one `## title` section of the benchmarks page where it is, or add it at the
+    end."""
+    section = "\n".join([f"## {title}", "", f"Command: `{command}`", "", *lines, ""])
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     blocks = text.split("\n## ")
     kept = [blocks[0].rstrip("\n") + "\n"] + [
-        "## " + block.rstrip("\n") + "\n"
+        section if block.startswith(title + "\n") else "## " + block.rstrip("\n") + "\n"
         for block in blocks[1:]
-        if not block.startswith(title + "\n")
     ]
-    path.write_text("\n".join([*kept, "\n".join(section)]))
+    if section not in kept:
+        kept.append(section)
+    path.write_text("\n".join(kept))
