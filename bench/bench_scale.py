@@ -151,12 +151,18 @@ def timed(request: Callable[[], Any], repeats: int) -> tuple[float, float, int, 
 def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: int) -> dict:
     from facecaption.core.pipeline import Pipeline
     from facecaption.core.status import format_status, stale_stages
+    from facecaption.release.publish import export_shards
     from facecaption.release.report import collect
     from facecaption.release.takedowns import match_pending_takedowns
 
     with Pipeline.open(settings) as pipeline:
         start = time.perf_counter()
-        populate(pipeline.state.engine, settings, shards, index_rows=index_rows)
+        ids = populate(pipeline.state.engine, settings, shards, index_rows=index_rows)
+        for shard_id in ids:  # each export's file, at the size its state records
+            with pipeline.store.publish(
+                pipeline.store.shard_path(shard_id, "release.parquet")
+            ) as tmp:
+                tmp.write_bytes(b"x" * 1000)
         generated = time.perf_counter() - start
         requests: dict[str, Callable[[], Any]] = {
             "selection: `work` (the refresh's plan task)": lambda: pipeline.select_work(
@@ -173,6 +179,10 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
                 pipeline, [row.shard_id for row in pipeline.status_page(limit=100).rows]
             ),
             "report collection (`report.collect`)": lambda: collect(pipeline),
+            # before matching: the shards it matches are then exported again
+            "release step: which exports are current (`export_shards`)": lambda: export_shards(
+                pipeline
+            ),
             "takedown matching (5 pending requests)": lambda: match_pending_takedowns(pipeline),
         }
         results = {}
@@ -180,6 +190,8 @@ def measure_requests(settings: Settings, shards: int, index_rows: int, repeats: 
             seconds, cpu, queries, result = timed(request, repeats)
             if name.startswith("selection"):
                 assert result.shard_ids == [], f"{name}: synthetic state should be current"
+            if name.startswith("release step"):
+                assert len(result[0]) == shards, f"{name}: every export should be current"
             results[name] = {"seconds": seconds, "cpu": cpu, "queries": queries}
     return {"generated_s": generated, "requests": results}
 
@@ -320,7 +332,9 @@ def main() -> None:
         f"{large // small}x the shards: the query counts stay the same; what grows is the"
         " rows those few queries return (selection and `status` read every shard's stage"
         " rows once) and the Python work on them. The shard view's page and takedown"
-        " matching read only what they show or match. That work is kept small per row:"
+        " matching read only what they show or match; the release step runs the export"
+        " stage on no shard whose export is current (before, a lock and ten queries per"
+        " shard). That work is kept small per row:"
         " rows unpacked rather than read by name, json decoded by msgspec, of a stage's"
         " recorded inputs only the checksums selection checks, each stage's settings part of"
         " the fingerprint worked out once per request, and the cyclic garbage collector held"
