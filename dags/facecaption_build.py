@@ -17,10 +17,10 @@ from facecaption_airflow.tasks import (
     process_shards,
 )
 
-from facecaption.core.pipeline import WORK_STATUSES
-from facecaption.core.stage import stage_registry
+# names only: parsing this file (every task process does) imports no stage and no pyarrow
+from facecaption.core.names import STAGE_NAMES, WORK_STATUSES
 
-STAGES = list(stage_registry())
+STAGES = list(STAGE_NAMES)
 
 
 @dag(

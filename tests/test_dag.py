@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from support.sampledata import write_source
 
+from facecaption.core.names import STAGE_NAMES
 from facecaption.core.pipeline import Pipeline
+from facecaption.core.stage import stage_registry
 
 REPO = Path(__file__).resolve().parents[1]
+# What parsing a DAG file must not import: every task process parses its DAG file again before
+# it runs, a GPU task while it holds its `gpu` pool slot. The stages, the data and model
+# libraries and our SQL load when a task body runs, in the tasks that use them. (Airflow
+# itself brings SQLAlchemy, pydantic and fsspec.)
+NOT_AT_PARSE = (
+    "pyarrow", "pandas", "numpy", "PIL", "cv2", "onnxruntime", "torch", "transformers",
+    "insightface", "aiohttp", "facecaption.state", "facecaption.core.stage",
+    "facecaption.core.pipeline", "facecaption.core.store", "facecaption.plan",
+    "facecaption.fetch", "facecaption.detect", "facecaption.attribute", "facecaption.caption",
+    "facecaption.release", "facecaption.models",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +42,36 @@ def test_dags_import_without_errors(dagbag):
     assert {"facecaption_build", "facecaption_refresh", "facecaption_takedown"} <= set(
         dagbag.dag_ids
     )
+
+
+def test_parsing_the_dags_imports_no_stage_and_no_heavy_library():
+    """A module-presence check in a fresh process (not a timing): DagBag over dags/, then
+    none of NOT_AT_PARSE is in sys.modules."""
+    script = (
+        "import json, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "print(json.dumps({'errors': {str(k): str(v) for k, v in bag.import_errors.items()},"
+        " 'dags': sorted(bag.dag_ids), 'modules': sorted(sys.modules)}))\n"
+    )
+    python_path = os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH")) if p
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": python_path},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    parsed = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert parsed["errors"] == {}
+    assert len(parsed["dags"]) == 3
+    loaded = set(parsed["modules"])
+    assert "facecaption_airflow.tasks" in loaded  # the DAG files' own imports did run
+    assert sorted(name for name in NOT_AT_PARSE if name in loaded) == []
+
+
+def test_stage_names_the_dags_read_are_the_registrys():
+    assert list(STAGE_NAMES) == list(stage_registry())
 
 
 def test_build_dag_params_explain_themselves(dagbag):

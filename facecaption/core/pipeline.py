@@ -15,6 +15,7 @@ from typing import Any
 from facecaption.core.bulk import collector_paused
 from facecaption.core.errors import PermanentError
 from facecaption.core.fingerprints import Fingerprints
+from facecaption.core.names import WORK_STATUSES
 from facecaption.core.progress import ProgressEvent, ProgressSink
 from facecaption.core.redaction import redact_text
 from facecaption.core.runner import StageOutcome, retry_due, run_stage
@@ -32,7 +33,6 @@ from facecaption.state import (
 )
 from facecaption.state.shards import STATUSES, ShardFilter
 
-WORK_STATUSES = ("all", "pending", "failed", "stale", "retryable", "work")
 PROGRESS_POLL_S = 0.2  # how often progress from worker processes is passed on
 
 
