@@ -19,12 +19,13 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from facecaption.attribute.backends import load_attribute_model
+from facecaption.attribute.backends import AttributeModel, load_attribute_model
 from facecaption.attribute.labels import CELEBA_ATTRIBUTES, label_set
 from facecaption.core.artifacts import ATTRIBUTES_PARQUET, ATTRIBUTES_SCHEMA, FACES_TAR
 from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import iter_webdataset, write_parquet
 from facecaption.models.identity import attribute_identity
+from facecaption.models.loaded import LOADED_MODELS, model_key
 from facecaption.models.locate import attribute_model
 from facecaption.settings import Settings
 from facecaption.state import Shard
@@ -53,6 +54,17 @@ def _batches(faces: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[lis
         yield batch
 
 
+def shard_attribute_model(settings: Settings) -> AttributeModel:
+    """The attribute model for a shard: loaded once per Airflow task; in a process that runs
+    many shards (`facecaption run`), the one loaded for an earlier shard while it is the same
+    model with the same settings (see `facecaption.models.loaded`)."""
+    return LOADED_MODELS.get(
+        "attribute",
+        model_key(attribute_identity(settings), settings.attribute),
+        lambda: load_attribute_model(settings),
+    )
+
+
 class AttributeStage:
     name = "attribute"
     version = "1"
@@ -71,7 +83,7 @@ class AttributeStage:
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.attribute
-        model = load_attribute_model(context.settings)  # once per shard (one Airflow task)
+        model = shard_attribute_model(context.settings)
         counts: Counter[str] = Counter(faces=0, kept=0, contradictions=0)
         rows: list[dict[str, Any]] = []
         with store.open(store.shard_path(shard.shard_id, FACES_TAR)) as source:

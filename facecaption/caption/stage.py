@@ -59,6 +59,7 @@ from facecaption.core.retry_budget import RetryBudget, next_due
 from facecaption.core.stage import StageContext, StageInputs, StageResult, upstream_checksums
 from facecaption.core.writers import write_parquet
 from facecaption.models.identity import caption_identity
+from facecaption.models.loaded import LOADED_MODELS, model_key
 from facecaption.settings import CaptionSettings, Settings
 from facecaption.state import Shard
 from facecaption.state.retries import RowRetry
@@ -97,6 +98,20 @@ def text_stats(texts: Iterable[str]) -> dict[str, int]:
 
 def grammar_for(settings: CaptionSettings) -> Grammar:
     return Grammar.load(Path(settings.grammar_path) if settings.grammar_path else None)
+
+
+def shard_rewriter(settings: Settings) -> Rewriter:
+    """The rewriter for a shard. An in-process LLM is loaded once per Airflow task; in a
+    process that runs many shards (`facecaption run`), the one loaded for an earlier shard is
+    used while it is the same model with the same settings (see `facecaption.models.loaded`).
+    A server's client is cheap and made for each shard."""
+    if settings.caption.backend != "transformers":
+        return load_rewriter(settings)
+    return LOADED_MODELS.get(
+        "llm",
+        model_key(caption_identity(settings), settings.caption),
+        lambda: load_rewriter(settings),
+    )
 
 
 class CaptionStage:
@@ -138,7 +153,7 @@ class CaptionStage:
         to_ask = [face for face in faces if face["face_id"] not in done]
         rewriter = None
         if limits.backend != "template" and to_ask:
-            rewriter = load_rewriter(context.settings)
+            rewriter = shard_rewriter(context.settings)
         asked: dict[str, dict[str, Any]] = {}
         for start in range(0, len(to_ask), PROMPTS_PER_CALL):
             batch = caption_faces(

@@ -37,6 +37,7 @@ from facecaption.detect.align import align_face
 from facecaption.detect.backends import load_detector
 from facecaption.detect.backends.base import FaceDetection, FaceDetector
 from facecaption.models.identity import detector_identity
+from facecaption.models.loaded import LOADED_MODELS, model_key
 from facecaption.models.locate import detector_backend
 from facecaption.settings import DetectSettings, Settings
 from facecaption.state import Shard
@@ -97,6 +98,17 @@ def encode_crop(pixels: np.ndarray, crop_format: str) -> tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
+def shard_detector(settings: Settings) -> FaceDetector:
+    """The detector for a shard: loaded once per Airflow task; in a process that runs many
+    shards (`facecaption run`), the one loaded for an earlier shard while it is the same
+    model with the same settings (see `facecaption.models.loaded`)."""
+    return LOADED_MODELS.get(
+        "detector",
+        model_key(detector_identity(settings), settings.detect),
+        lambda: load_detector(settings),
+    )
+
+
 class DetectStage:
     name = "detect"
     # 2: orientation decided by `exif_orientation` for pixels and boxes alike
@@ -119,7 +131,7 @@ class DetectStage:
 
     def run(self, context: StageContext) -> StageResult:
         shard, store, limits = context.shard, context.store, context.settings.detect
-        detector = load_detector(context.settings)  # once per shard (one Airflow task)
+        detector = shard_detector(context.settings)
         tar_path = store.shard_path(shard.shard_id, FACES_TAR)
         parquet_path = store.shard_path(shard.shard_id, FACES_PARQUET)
         counts: Counter[str] = Counter(dict.fromkeys(BASE_COUNTS, 0))

@@ -3,7 +3,8 @@
 
 `ShardStageOperator` runs on the default (CPU) queue. GPU stages (detect now; attribute and
 in-process LLM captioning next) use `GpuShardStageOperator`, which routes to `queue="gpu"` and
-the `gpu` pool; the stage loads its model once per task, i.e. once per shard.
+the `gpu` pool; the stage loads its model once per task, i.e. once per shard (a task is a
+process of its own; see `facecaption.models.loaded`).
 
 A permanent error fails the task at once (no retries); a task instance an operator cleared
 forces its stage (see `failures`).
