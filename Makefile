@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_attributes.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_caption.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_release.py --shards 200 --rows 3000 --write docs/benchmarks.md
+	$(BIN)/python bench/bench_task_cost.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_scale.py --write docs/benchmarks.md
 
 # constraints.txt from what the virtualenv has now (after upgrading something and running
