@@ -104,7 +104,7 @@ def phase_seconds(marks: dict[str, float]) -> dict[str, float]:
 
 def parse_dag(spec: dict, marks: dict[str, float]) -> dict:
     """Airflow imported (as the task process has it), then the DAG file parsed."""
-    home = tempfile.mkdtemp(prefix="fc-bench-airflow-")
+    home = spec["airflow_home"]
     os.environ.update(
         {
             "AIRFLOW_HOME": home,
@@ -242,8 +242,9 @@ STAGE_WORK = {
 
 
 def run_child(kind: str, spec: dict, scratch: Path) -> dict:
+    (scratch / "airflow").mkdir(exist_ok=True)
     spec_file = scratch / f"{kind}-{time.monotonic_ns()}.json"
-    spec_file.write_text(json.dumps(spec))
+    spec_file.write_text(json.dumps({**spec, "airflow_home": str(scratch / "airflow")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACECAPTION_")}
     env["FACECAPTION_HOME"] = str(scratch / "home")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
