@@ -30,16 +30,12 @@ class LoadedModels:
     def get(self, kind: str, key: Hashable, load: Callable[[], Model]) -> Model:
         """The model of `kind` loaded for `key`: the one held if its key is `key`, else
         `load()` (after dropping the one held, so that two are never in memory at once)."""
-        held = self._held.get(kind)
-        if held is not None and held[0] == key:
-            return held[1]
-        self._held.pop(kind, None)
+        if kind in self._held and self._held[kind][0] == key:
+            return self._held[kind][1]
+        self._held.pop(kind, None)  # no reference left here: the old model goes before the load
         model = load()
         self._held[kind] = (key, model)
         return model
-
-    def clear(self) -> None:
-        self._held.clear()
 
 
 # The process's models: a stage asks here, not the backends' loaders directly.
