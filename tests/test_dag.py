@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from facecaption_airflow.tasks import SHARD_LABEL
 from support.sampledata import write_source
 
 from facecaption.core.names import STAGE_NAMES
@@ -85,7 +88,7 @@ def test_build_dag_params_explain_themselves(dagbag):
 def test_build_dag_maps_one_task_group_per_shard(dagbag):
     dag = dagbag.get_dag("facecaption_build")
     fetch = dag.get_task("process_shard.fetch")
-    assert fetch.map_index_template == "{{ task.shard_id }}"
+    assert fetch.map_index_template == SHARD_LABEL
     assert {t.task_id for t in fetch.upstream_list} == {"plan"}
     detect = dag.get_task("process_shard.detect")
     assert "process_shard.fetch" in {t.task_id for t in detect.upstream_list}
@@ -161,6 +164,59 @@ def test_build_dag_fetches_every_shard_and_records_state(
 def pipeline_status(settings, shard_ids):
     with Pipeline.open(settings.model_copy(update={"shard_size": 8})) as pipeline:
         return pipeline.status(shard_ids)
+
+
+def digits_first_source(rows, base_url: str, path: Path) -> Path:
+    """A source like `write_source`'s whose sha256, and so its shards' ids, begins with twelve
+    decimal digits (`154072588631_000000000_000000003`: also a Python int literal, which
+    templates rendered as native objects turn into an int). About 1 file in 300 is such."""
+    urls = [row.url if row.path is None else f"{base_url}/{row.path}" for row in rows]
+    for first in range(1000, 1_000_000, len(rows)):
+        table = pa.table(
+            {
+                "SAMPLE_ID": pa.array(range(first, first + len(rows)), pa.int64()),
+                "URL": urls,
+                "TEXT": [row.caption for row in rows],
+            }
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        prefix = hashlib.sha256(data).hexdigest()[:12]
+        if prefix.isdigit() and prefix[0] != "0":
+            path.write_bytes(data)
+            return path
+    raise AssertionError("no source with a digits-only id found")
+
+
+@pytest.mark.slow
+def test_a_shard_id_of_digits_stays_a_string_as_its_map_index(
+    tmp_path, settings, settings_env, sample, sample_site, airflow_db, monkeypatch
+):
+    """A shard id made of digits and underscores is an int literal to Python; the mapped
+    instances' labels (rendered as native objects) must still be the id, not an int that
+    fails the task before its stage runs."""
+    for name, value in settings_env.items():
+        monkeypatch.setenv(name, value)
+    source = digits_first_source(
+        sample[:3], sample_site.url("").rstrip("/"), tmp_path / "d.parquet"
+    )
+    from airflow.dag_processing.dagbag import DagBag
+
+    # a DagBag of its own: dag.test() leaves a run's conf in the DAG's params (publish off)
+    dag = DagBag(dag_folder=str(REPO / "dags")).get_dag("facecaption_build")
+
+    run = dag.test(
+        run_conf={"source": str(source), "shard_ids": [], "force": False, "stages": ["fetch"],
+                  "publish": False}
+    )  # fmt: skip
+
+    with Pipeline.open(settings) as pipeline:
+        (shard_id,) = pipeline.select_shards([str(source)])
+    assert shard_id.split("_")[0].isdigit()
+    assert run.state == "success"
+    fetch = next(ti for ti in run.get_task_instances() if ti.task_id == "process_shard.fetch")
+    assert (fetch.rendered_map_index, fetch.state) == (shard_id, "success")
 
 
 @pytest.mark.slow

@@ -41,6 +41,13 @@ DAG_DEFAULTS: dict[str, Any] = {
 }
 
 
+# A mapped stage instance's label: its shard id. Templates render as native objects, and an id
+# of digits and underscores (`154072588631_000000000_000000003`: about one source file in 300
+# has such a prefix) is a Python int literal, so bare it would render as an int and fail the
+# task before its stage ran. Written as a JSON string, it evaluates to the id itself.
+SHARD_LABEL = "{{ task.shard_id | tojson }}"
+
+
 def max_shards_param(**extra: Any) -> Param:
     return Param(
         None,
@@ -73,7 +80,7 @@ def process_shards(
                 force=force,
                 selected_stages=stages,
                 retry_transient=retry_transient,
-                map_index_template="{{ task.shard_id }}",
+                map_index_template=SHARD_LABEL,
             )
 
         # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
