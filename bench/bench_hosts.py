@@ -41,12 +41,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from bench_img2dataset import (
     ADMIN_DB_URL,
-    VENV,
     Measured,
     become_subreaper,
     clean_env,
     ensure_img2dataset,
     fresh_database,
+    img2dataset_command,
+    run_img2dataset_command,
     run_measured,
     with_comment,
 )
@@ -206,21 +207,12 @@ def fetch_seconds(db_url: str) -> float:
 def run_img2dataset(source: Path, work: Path, args: argparse.Namespace, hosts: list[Host]) -> Side:
     reset(hosts)
     output = work / "img2dataset"
-    command = [
-        str(VENV / "bin" / "img2dataset"),
-        *("--url_list", str(source), "--input_format", "parquet"),
-        *("--url_col", "URL", "--caption_col", "TEXT"),
-        *("--output_format", "webdataset", "--output_folder", str(output)),
-        *("--resize_mode", "no", "--skip_reencode", "True"),
-        *("--processes_count", str(args.processes), "--thread_count", str(args.threads)),
-        *("--timeout", "10", "--retries", "0"),
-        *("--number_sample_per_shard", str(math.ceil(args.urls / args.processes))),
-        *("--distributor", "multiprocessing"),
-        *("--user_agent_token", "img2dataset", "--enable_wandb", "False"),
-    ]
-    print("img2dataset:", " ".join(command[1:]))
-    env = clean_env({"WANDB_MODE": "disabled", "WANDB_SILENT": "true"})
-    measured = run_measured(command, env, work / "img2dataset.log", args.max_seconds)
+    per_shard = math.ceil(args.urls / args.processes)
+    measured = run_img2dataset_command(
+        img2dataset_command(source, output, args.processes, args.threads, 10, per_shard),
+        work,
+        args.max_seconds,
+    )
     statuses: Counter[str] = Counter()
     for path in sorted(output.glob("*.parquet")):
         for row in pq.read_table(path, columns=["status", "error_message"]).to_pylist():

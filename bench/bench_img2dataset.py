@@ -458,22 +458,38 @@ def run_ours(source: Path, work: Path, args: argparse.Namespace, shard_size: int
     return Outcome("facecaption", measured, statuses, ok_urls, "; ".join(notes))
 
 
-def run_img2dataset(source: Path, work: Path, args: argparse.Namespace, shard_size: int) -> Outcome:
-    output = work / "img2dataset"
-    command = [
+def img2dataset_command(
+    source: Path, output: Path, processes: int, threads: int, timeout: float, per_shard: int
+) -> list[str]:
+    """img2dataset over a LAION-style parquet (URL, TEXT), bytes kept as sent (no resize, no
+    re-encode), no retries, webdataset shards of `per_shard` rows, no telemetry."""
+    return [
         str(VENV / "bin" / "img2dataset"),
         *("--url_list", str(source), "--input_format", "parquet"),
         *("--url_col", "URL", "--caption_col", "TEXT"),
         *("--output_format", "webdataset", "--output_folder", str(output)),
         *("--resize_mode", "no", "--skip_reencode", "True"),
-        *("--processes_count", str(args.processes), "--thread_count", str(args.threads)),
-        *("--timeout", f"{args.timeout:g}", "--retries", "0"),
-        *("--number_sample_per_shard", str(shard_size), "--distributor", "multiprocessing"),
+        *("--processes_count", str(processes), "--thread_count", str(threads)),
+        *("--timeout", f"{timeout:g}", "--retries", "0"),
+        *("--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing"),
         *("--user_agent_token", "img2dataset", "--enable_wandb", "False"),
     ]
+
+
+def run_img2dataset_command(command: list[str], work: Path, max_seconds: float) -> Measured:
+    """Run an `img2dataset_command` measured, its log in `work`."""
     print("img2dataset:", " ".join(command[1:]))
     env = clean_env({"WANDB_MODE": "disabled", "WANDB_SILENT": "true"})
-    measured = run_measured(command, env, work / "img2dataset.log", args.max_seconds)
+    return run_measured(command, env, work / "img2dataset.log", max_seconds)
+
+
+def run_img2dataset(source: Path, work: Path, args: argparse.Namespace, shard_size: int) -> Outcome:
+    output = work / "img2dataset"
+    measured = run_img2dataset_command(
+        img2dataset_command(source, output, args.processes, args.threads, args.timeout, shard_size),
+        work,
+        args.max_seconds,
+    )
     statuses, ok_urls = Counter(), set()
     for path in sorted(output.glob("*.parquet")):
         for row in pq.read_table(path, columns=["url", "status", "error_message"]).to_pylist():

@@ -56,6 +56,18 @@ def build_attributed_shard(tmp_path, settings):
     return settings, shard_id
 
 
+def attributed_shard_notes(tmp_path, settings):
+    """`build_attributed_shard` and the grammar's raw notes of each kept face, in face_id
+    order: (settings, shard id, notes)."""
+    settings, shard_id = build_attributed_shard(tmp_path, settings)
+    with Pipeline.open(settings) as pipeline:
+        path = pipeline.store.shard_path(shard_id, "attributes.parquet")
+        rows = sorted(pq.read_table(path).to_pylist(), key=lambda face: face["face_id"])
+    grammar = Grammar.load()
+    notes = [grammar.raw_text(f["valid_labels"], f"0:{f['face_id']}") for f in rows if f["kept"]]
+    return settings, shard_id, notes
+
+
 def _captions(settings, shard_id):
     with Pipeline.open(settings) as pipeline:
         outcome = pipeline.run("caption", shard_id)

@@ -19,10 +19,9 @@ import sqlalchemy as sa
 from conftest import REPO
 from support.chatserver import ChatServer, Fault
 from support.processes import settings_environment
-from test_caption import build_attributed_shard
+from test_caption import attributed_shard_notes
 from test_fetch_retry_budget import time_passes
 
-from facecaption.caption.grammar import Grammar
 from facecaption.core.pipeline import Pipeline, run_shards
 from facecaption.core.status import format_status, status_json
 from facecaption.settings import CaptionSettings, Settings
@@ -51,13 +50,7 @@ class FlakyServer(ChatServer):
 @pytest.fixture
 def shard(tmp_path, settings):
     """(settings, shard id, raw notes of each kept face in face_id order): attributed."""
-    settings, shard_id = build_attributed_shard(tmp_path, settings)
-    with Pipeline.open(settings) as pipeline:
-        path = pipeline.store.shard_path(shard_id, "attributes.parquet")
-        rows = sorted(pq.read_table(path).to_pylist(), key=lambda face: face["face_id"])
-    grammar = Grammar.load()
-    notes = [grammar.raw_text(f["valid_labels"], f"0:{f['face_id']}") for f in rows if f["kept"]]
-    return settings, shard_id, notes
+    return attributed_shard_notes(tmp_path, settings)
 
 
 @pytest.fixture

@@ -18,9 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from support.chatserver import ChatServer, Fault
 from support.tiny_llm import build_tiny_qwen2
-from test_caption import build_attributed_shard
+from test_caption import attributed_shard_notes
 
-from facecaption.caption.grammar import Grammar
 from facecaption.caption.rewriters import TRANSIENT_ERRORS
 from facecaption.caption.stage import cap_caption
 from facecaption.core.pipeline import Pipeline
@@ -143,13 +142,7 @@ REPLY_FAULTS = {
 def faces(tmp_path, settings):
     """(settings, shard id, raw notes of each face in face_id order) of a shard whose faces
     are attributed."""
-    settings, shard_id = build_attributed_shard(tmp_path, settings)
-    with Pipeline.open(settings) as pipeline:
-        path = pipeline.store.shard_path(shard_id, "attributes.parquet")
-        rows = sorted(pq.read_table(path).to_pylist(), key=lambda face: face["face_id"])
-    grammar = Grammar.load()
-    notes = [grammar.raw_text(f["valid_labels"], f"0:{f['face_id']}") for f in rows if f["kept"]]
-    return settings, shard_id, notes
+    return attributed_shard_notes(tmp_path, settings)
 
 
 def faithful(messages: list[dict]) -> str:
