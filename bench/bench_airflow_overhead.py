@@ -6,7 +6,10 @@ stages have next to nothing to do (one row each, a URL that is not fetchable), a
 share of a realistic 10,000-row shard's CPU work, from the per-item CPU costs measured in the
 fetch and detection sections of docs/benchmarks.md (arguments, so that they can follow them).
 
-    python bench/bench_airflow_overhead.py --shards 10 --write docs/benchmarks.md
+    python bench/bench_airflow_overhead.py --shards 10
+
+It prints its figures; docs/benchmarks.md has them from `bench/bench_scale.py` (part 3 of its
+"Scale" section), which runs this beside the other scale measurements.
 
 Needs the local Postgres (`--admin-url`); creates and drops its own databases.
 """
@@ -27,12 +30,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 from bench_scale import ADMIN_URL, throwaway_db
-from benchreport import write_section
 from sqlalchemy.engine import make_url
 from support.airflow_cluster import BIN, REPO, START_TIMEOUT_S, AirflowCluster, airflow_environment
 from support.statistics_model import build_statistics_model
@@ -179,54 +182,39 @@ def _when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", type=int, default=5)
-    parser.add_argument("--admin-url", default=ADMIN_URL)
-    parser.add_argument(
-        "--fetch-cpu-per-1000",
-        type=float,
-        default=3.41,
-        help="fetch CPU s per 1,000 images kept (Fetch vs img2dataset)",
-    )
-    parser.add_argument(
-        "--kept-share",
-        type=float,
-        default=0.84,
-        help="share of rows fetched (Fetch vs img2dataset: 4190 of 5000)",
-    )
-    parser.add_argument(
-        "--detect-cpu-per-image",
-        type=float,
-        default=0.266,
-        help="detect stage CPU s per image on CPU (Face detection)",
-    )
-    parser.add_argument("--write", type=Path, default=None)
-    args = parser.parse_args()  # fmt: skip
+# Per-item CPU costs from this page's other sections (arguments, so that they can follow them).
+FETCH_CPU_PER_1000 = 3.41  # fetch CPU s per 1,000 images kept (Fetch vs img2dataset)
+KEPT_SHARE = 0.84  # share of rows fetched (Fetch vs img2dataset: 4190 of 5000)
+DETECT_CPU_PER_IMAGE = 0.266  # detect stage CPU s per image on CPU (Face detection)
 
-    wall = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fc-bench-airflow-") as tmp_name:
-        tmp = Path(tmp_name)
-        model = build_statistics_model(tmp / "statistics.onnx")
-        source = write_empty_source(tmp / "empty.parquet", args.shards)
-        with throwaway_db(args.admin_url) as cli_db:
-            cli_s = run_cli(source, settings_env(tmp, "cli", cli_db, model))
-        with throwaway_db(args.admin_url) as airflow_db:
-            airflow = run_airflow(
-                source, settings_env(tmp, "airflow", airflow_db, model), tmp, args.admin_url
-            )
-    load = os.getloadavg()[0]
-    per_shard = (airflow["seconds"] - cli_s) / args.shards
+
+def measure_overhead(tmp: Path, shards: int, admin_url: str) -> dict[str, Any]:
+    """The CLI's seconds and the Airflow run's figures over the same `shards` empty shards."""
+    model = build_statistics_model(tmp / "statistics.onnx")
+    source = write_empty_source(tmp / "empty.parquet", shards)
+    with throwaway_db(admin_url) as cli_db:
+        cli_s = run_cli(source, settings_env(tmp, "cli", cli_db, model))
+    with throwaway_db(admin_url) as airflow_db:
+        airflow = run_airflow(
+            source, settings_env(tmp, "airflow", airflow_db, model), tmp, admin_url
+        )
+    return {"shards": shards, "cli_s": cli_s, "airflow": airflow}
+
+
+def overhead_lines(
+    measured: dict[str, Any],
+    fetch_cpu_per_1000: float = FETCH_CPU_PER_1000,
+    kept_share: float = KEPT_SHARE,
+    detect_cpu_per_image: float = DETECT_CPU_PER_IMAGE,
+) -> list[str]:
+    """What the page says of a `measure_overhead`: the setup, the table, the shares."""
+    shards, cli_s, airflow = measured["shards"], measured["cli_s"], measured["airflow"]
+    per_shard = (airflow["seconds"] - cli_s) / shards
     rows = 10_000
-    fetch_cpu = rows * args.kept_share * args.fetch_cpu_per_1000 / 1000
-    detect_cpu = rows * args.kept_share * args.detect_cpu_per_image
-    lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work (load"
-        f" average {load:.1f} at the end), Python {platform.python_version()}, PostgreSQL on"
-        f" loopback. Whole run {(time.perf_counter() - wall) / 60:.1f} min. Absolute seconds"
-        " move with the load (other jobs ran on the same two cores); read the ratio.",
-        "",
-        f"{args.shards} shards of one row each (a URL fetch rejects without a request: every"
+    fetch_cpu = rows * kept_share * fetch_cpu_per_1000 / 1000
+    detect_cpu = rows * kept_share * detect_cpu_per_image
+    return [
+        f"{shards} shards of one row each (a URL fetch rejects without a request: every"
         " stage runs and has next to nothing to do), every stage, no release. Airflow: the"
         " build DAG on Airflow 3.3 with the LocalExecutor (api-server, scheduler, dag-processor;"
         f" parallelism {PARALLELISM}, metadata in Postgres), timed from the REST trigger to the"
@@ -235,9 +223,9 @@ def main() -> None:
         "",
         "| | seconds | per shard s | vs CLI |",
         "|---|---:|---:|---:|",
-        f"| `facecaption run` | {cli_s:.1f} | {cli_s / args.shards:.2f} | 1.0x |",
+        f"| `facecaption run` | {cli_s:.1f} | {cli_s / shards:.2f} | 1.0x |",
         f"| Airflow build run ({airflow['tis']} task instances) | {airflow['seconds']:.1f} |"
-        f" {airflow['seconds'] / args.shards:.2f} | {airflow['seconds'] / cli_s:.1f}x |",
+        f" {airflow['seconds'] / shards:.2f} | {airflow['seconds'] / cli_s:.1f}x |",
         "",
         f"Airflow's task instances: median duration {airflow['duration_median']:.1f} s (the"
         " task process: start, DAG parse, the stage's own near-zero work), median"
@@ -246,11 +234,11 @@ def main() -> None:
         " task logs' `dag_file_parse_ms`). Airflow's own cost:"
         f" **{per_shard:.1f} s per shard** (5 task instances) over the CLI's.",
         "",
-        f"As a share of a realistic 10,000-row shard ({args.kept_share:.0%} of rows fetched),"
+        f"As a share of a realistic 10,000-row shard ({kept_share:.0%} of rows fetched),"
         " from this page's other sections: fetch alone costs about"
-        f" {fetch_cpu:.0f} CPU s ({args.fetch_cpu_per_1000} CPU s per 1,000 images), so the"
+        f" {fetch_cpu:.0f} CPU s ({fetch_cpu_per_1000} CPU s per 1,000 images), so the"
         f" overhead is {per_shard / fetch_cpu:.0%} of it; with detection on this CPU"
-        f" ({args.detect_cpu_per_image} CPU s per image, {detect_cpu:.0f} s) it is"
+        f" ({detect_cpu_per_image} CPU s per image, {detect_cpu:.0f} s) it is"
         f" {per_shard / (fetch_cpu + detect_cpu):.1%} of the shard's work. These shares set"
         " wall seconds on an oversubscribed machine against CPU seconds: read them as upper"
         " bounds. The cost is per task instance (process start, the DAG file parsed again,"
@@ -258,11 +246,32 @@ def main() -> None:
         " stages in one task, or a long-lived model server (the compose file's `vllm`) cut its"
         " share; on a GPU, where detection is many times faster, it weighs more.",
     ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, default=5)
+    parser.add_argument("--admin-url", default=ADMIN_URL)
+    parser.add_argument("--fetch-cpu-per-1000", type=float, default=FETCH_CPU_PER_1000)
+    parser.add_argument("--kept-share", type=float, default=KEPT_SHARE)
+    parser.add_argument("--detect-cpu-per-image", type=float, default=DETECT_CPU_PER_IMAGE)
+    args = parser.parse_args()
+
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fc-bench-airflow-") as tmp_name:
+        measured = measure_overhead(Path(tmp_name), args.shards, args.admin_url)
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work (load"
+        f" average {os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()},"
+        f" PostgreSQL on loopback. Whole run {(time.perf_counter() - wall) / 60:.1f} min."
+        " Absolute seconds move with the load (other jobs ran on the same two cores); read the"
+        " ratio.",
+        "",
+        *overhead_lines(
+            measured, args.fetch_cpu_per_1000, args.kept_share, args.detect_cpu_per_image
+        ),
+    ]
     print("\n".join(lines))
-    if args.write:
-        command = f"python bench/bench_airflow_overhead.py --shards {args.shards}"
-        write_section(args.write, "Airflow overhead per shard", command + " --write " +
-                      str(args.write), lines)  # fmt: skip
 
 
 if __name__ == "__main__":

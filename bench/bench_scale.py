@@ -7,15 +7,19 @@
    `work` and a `stale` check of every stage), status (all rows, and one page of the shard
    view with totals), the report's collection and matching pending takedowns, on synthetic
    state of 500 and of 5,000 shards (25,000 stage rows) written straight into throwaway
-   databases: seconds, queries, and the 5,000 / 500 ratio.
+   databases: seconds, queries, and the 5,000 / 500 ratio;
+3. Airflow's own cost per shard: the build DAG on a live LocalExecutor Airflow against
+   `facecaption run` over the same near-empty shards (`bench_airflow_overhead`), and that
+   cost as a share of a realistic shard's CPU work.
 
     python bench/bench_scale.py --write docs/benchmarks.md
 
-`--requests-only` measures part 2 alone (a few minutes instead of the 50M-row plan's run);
-with `--write` it rewrites the requests' table and keeps the plan's from the page as it was.
+`--requests-only` measures part 2 alone (a few minutes instead of the 50M-row plan's run and
+a live Airflow); with `--write` it rewrites the requests' table and keeps the other parts'
+from the page as they were.
 
 Needs the local Postgres (`--admin-url`, default postgres@127.0.0.1:5432); creates and drops
-its own databases. The Airflow per-shard overhead part of issue 16 is not measured here.
+its own databases.
 """
 
 from __future__ import annotations
@@ -246,19 +250,20 @@ def plan_lines(plan: dict[str, Any], args: argparse.Namespace) -> list[str]:
     ]
 
 
-def kept_plan_lines(page: Path | None) -> list[str]:
-    """The plan's paragraphs and table as the page has them (a `--requests-only` run)."""
+def kept_part(page: Path | None, marker: str, end: str | None) -> list[str]:
+    """A part of the section as the page has it, from `marker` up to `end` (None: the
+    section's end), for a `--requests-only` run that does not measure it again."""
     text = page.read_text() if page is not None and page.exists() else ""
     section = text.split(f"## {SECTION}\n", 1)[-1].split("\n## ", 1)[0] if text else ""
-    if "**Plan.**" not in section:
-        return ["**Plan.** Not measured (`--requests-only`)."]
-    kept = section[section.index("**Plan.**") : section.index("**Requests.**")]
+    if marker not in section or (end is not None and end not in section):
+        return [f"{marker} Not measured (`--requests-only`)."]
+    kept = section[section.index(marker) : section.index(end) if end else None]
     kept = kept.split("\n\n_Not re-measured")[0].rstrip("\n")
     return [
         *kept.split("\n"),
         "",
-        "_Not re-measured in this run (`--requests-only`): the plan's figures are from the"
-        f" last full run, `{COMMAND}`._",
+        "_Not re-measured in this run (`--requests-only`): these figures are from the last"
+        f" full run, `{COMMAND}`._",
     ]
 
 
@@ -272,8 +277,9 @@ def main() -> None:
     parser.add_argument("--admin-url", default=ADMIN_URL)
     parser.add_argument(
         "--requests-only", action="store_true",
-        help="skip the plan part; --write keeps the plan's figures on the page as they were",
+        help="measure the requests only; --write keeps the other parts' figures as they were",
     )  # fmt: skip
+    parser.add_argument("--airflow-shards", type=int, default=5, help="part 3's shards")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
 
@@ -296,6 +302,14 @@ def main() -> None:
                     caption={"backend": "template"},
                 )
                 measured[shards] = measure_requests(settings, shards, args.index_rows, args.repeats)
+
+        # 3. Airflow's cost per shard (its bench imports this one's helpers: imported here)
+        airflow = None
+        if not args.requests_only:
+            from bench_airflow_overhead import measure_overhead
+
+            (tmp / "airflow").mkdir()
+            airflow = measure_overhead(tmp / "airflow", args.airflow_shards, args.admin_url)
     total_s = time.perf_counter() - wall
 
     small, large = args.shards
@@ -305,7 +319,11 @@ def main() -> None:
         f" PostgreSQL on loopback. Whole run {total_s / 60:.1f} min. Absolute seconds move with"
         " the load; the ratios and query counts are what to read.",
         "",
-        *(kept_plan_lines(args.write) if plan is None else plan_lines(plan, args)),
+        *(
+            kept_part(args.write, "**Plan.**", "**Requests.**")
+            if plan is None
+            else plan_lines(plan, args)
+        ),
         "",
         f"**Requests.** Synthetic state written straight into a throwaway database: every"
         f" stage done and current, export statistics, attempt history, {args.index_rows:,}"
@@ -340,9 +358,17 @@ def main() -> None:
         " the fingerprint worked out once per request, and the cyclic garbage collector held"
         " off while the rows become objects (`facecaption/core/bulk.py`: it ran two or three"
         " full collections per request at 5,000 shards, each scanning every live object).",
+        "",
     ]
+    if airflow is None:
+        lines += kept_part(args.write, "**Airflow per shard.**", None)
+    else:
+        from bench_airflow_overhead import overhead_lines
+
+        first, *rest = overhead_lines(airflow)
+        lines += [f"**Airflow per shard.** {first}", *rest]
     print("\n".join(lines))
-    print(json.dumps({"plan": plan, "requests": measured}, default=str)[:2000])
+    print(json.dumps({"plan": plan, "requests": measured, "airflow": airflow}, default=str)[:2000])
     if args.write:
         command = (
             "python bench/bench_scale.py --requests-only --write docs/benchmarks.md"

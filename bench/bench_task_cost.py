@@ -492,7 +492,8 @@ def report(args: argparse.Namespace) -> None:
         "Fixed s: the seven steps, Airflow's imports and the DAG parse included (the"
         " facecaption imports come after Airflow's, which already hold SQLAlchemy, pydantic"
         " and fsspec, as in a task process); Airflow's scheduling, the task runner's"
-        ' supervisor and its API calls come on top (see "Airflow overhead per shard").'
+        ' supervisor and its API calls come on top (see "Airflow per shard" in "Scale:'
+        ' LAION-Face size").'
         " Load again: the stage asking for its model a second time in"
         " the same process, as the next shard of a `facecaption run` does (the loaded model is"
         " reused, see `facecaption/models/loaded.py`): what such a shard pays instead of the"
