@@ -5,9 +5,9 @@ scheduler, dag-processor and two `airflow celery worker`s: `cpu` on the default 
 `gpu` on the `gpu` queue. Each worker names itself as the host of the task instances it runs
 (`[core] hostname_callable`). Driven and checked through REST API v2 only:
 
-- every fetch and export (and plan, summary, release) ran on the `cpu` worker from the default
-  queue; every detect, attribute and caption on the `gpu` worker, in the `gpu` pool, whose one
-  slot keeps them one at a time although that worker could run two;
+- every fetch, export and caption (the grammar's: no LLM) and plan, summary, release ran on
+  the `cpu` worker from the default queue; every detect and attribute on the `gpu` worker, in
+  the `gpu` pool, whose one slot keeps them one at a time although that worker could run two;
 - a shard whose source file went away after planning fails its fetch task (its later stages
   do not run), while the other shards finish every stage.
 """
@@ -50,7 +50,7 @@ SHARD_SIZE = 4  # a.parquet: 8 rows, 2 shards; b.parquet: 4 rows, 1 shard
 REDIS_URL = os.environ.get("FACECAPTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 RUN_TIMEOUT_S = 600  # the failing fetch is retried (DEFAULT_ARGS) before it fails
 WORKERS = {"cpu": "default", "gpu": "gpu"}  # worker name -> the queue it takes
-GPU_STAGES = {"detect", "attribute", "caption"}  # the caption backend here is not `openai`
+GPU_STAGES = {"detect", "attribute"}  # captions here are the grammar's (`template`): no GPU
 
 
 @pytest.fixture

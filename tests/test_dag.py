@@ -106,6 +106,23 @@ def test_build_dag_maps_one_task_group_per_shard(dagbag):
         assert "process_shard.export" in upstream, final
 
 
+@pytest.mark.parametrize(
+    ("backend", "queue"), [("transformers", "gpu"), ("openai", "default"), ("template", "default")]
+)
+def test_only_an_in_process_llm_sends_captions_to_the_gpu_queue(
+    backend, queue, airflow_db, monkeypatch
+):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("FACECAPTION_CAPTION__BACKEND", backend)
+    caption = (
+        DagBag(dag_folder=str(REPO / "dags"))
+        .get_dag("facecaption_build")
+        .get_task("process_shard.caption")
+    )
+    assert (caption.queue, caption.pool == "gpu") == (queue, queue == "gpu")
+
+
 @pytest.mark.slow
 def test_build_dag_fetches_every_shard_and_records_state(
     tmp_path, settings, settings_env, sample, sample_site, dagbag, monkeypatch

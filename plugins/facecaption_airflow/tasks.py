@@ -83,9 +83,12 @@ def process_shards(
                 map_index_template=SHARD_LABEL,
             )
 
-        # In-process LLMs need a GPU; a model server (backend "openai") only needs a worker.
+        # An in-process LLM needs a GPU; a model server (backend "openai") or the grammar alone
+        # ("template") needs only a worker, and holds no `gpu` slot.
         caption_operator = (
-            ShardStageOperator if Settings().caption.backend == "openai" else GpuShardStageOperator
+            GpuShardStageOperator
+            if Settings().caption.backend == "transformers"
+            else ShardStageOperator
         )
         (
             stage(ShardStageOperator, "fetch")
