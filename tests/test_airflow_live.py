@@ -11,11 +11,14 @@ driven only through the public REST API v2, as a user or the UI trigger form wou
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -25,6 +28,7 @@ from support.airflow_cluster import free_port as _free_port
 from support.airflow_cluster import ok as _ok
 from support.airflow_cluster import wait as _wait
 from support.sampledata import write_source
+from support.samplesite import Route, SampleSite
 
 from facecaption.core.stage import stage_registry
 
@@ -95,11 +99,18 @@ def _wait_for_run(api: httpx.Client, cluster: AirflowCluster, run_id: str) -> No
 
 
 def _task_instances(api: httpx.Client, run_id: str) -> list[dict[str, Any]]:
-    body = _ok(
-        api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 500})
-    )
-    assert body["total_entries"] == len(body["task_instances"])
-    return body["task_instances"]
+    """Every task instance of the run, page by page (the API gives at most 100 a page)."""
+    tis: list[dict[str, Any]] = []
+    while True:
+        body = _ok(
+            api.get(
+                f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances",
+                params={"limit": 100, "offset": len(tis)},
+            )
+        )
+        tis += body["task_instances"]
+        if len(tis) >= body["total_entries"] or not body["task_instances"]:
+            return tis
 
 
 def _mapped(tis: list[dict[str, Any]], stage: str) -> dict[str, str]:
@@ -250,3 +261,43 @@ def test_build_and_per_shard_rerun_through_the_rest_api(
         for key, attempt in second["attempt"].items():
             expected = attempt + 1 if key == (target, "attribute") else attempt
             assert third["attempt"][key] == expected, key
+
+
+def test_a_run_an_operator_marks_failed_stays_failed(tmp_path, airflow_cluster):
+    """The UI's "Mark run as failed" (REST: PATCH the run's state) on a run whose fetch is
+    still working: the run reads failed from then on, also after its running task instance
+    was stopped and the scheduler went over the run again."""
+    cluster = airflow_cluster
+    # 50 shards of 8 rows on one host that answers nothing in time: fetching them takes
+    # minutes
+    slow = SampleSite({"slow.jpg": Route(b"x", "image/jpeg", delay_s=5)})
+    with slow, _client(cluster) as api:
+        source = tmp_path / "slow.parquet"
+        urls = [slow.url(f"slow.jpg?{i}") for i in range(400)]
+        pq.write_table(pa.table({"url": urls, "caption": ["a face"] * len(urls)}), source)
+        _ok(api.post("/api/v2/pools", json={"name": "gpu", "slots": 2}), 201)
+        _wait(f"the dag-processor to parse {DAG_ID}", cluster,
+              lambda: api.get(f"/api/v2/dags/{DAG_ID}").status_code == 200 or None,
+              START_TIMEOUT_S)  # fmt: skip
+        _ok(api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}))
+        run_id = _trigger(api, {"source": str(source), "stages": ["fetch"], "publish": False})
+
+        def fetch_running() -> bool | None:
+            states = _mapped(_task_instances(api, run_id), "fetch").values()
+            return "running" in states or None
+
+        _wait("the fetch to start", cluster, fetch_running, RUN_TIMEOUT_S)
+        marked = api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+        assert _ok(marked)["state"] == "failed"
+
+        def run_state() -> str:
+            return _ok(api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"))["state"]
+
+        seen = []
+        deadline = time.monotonic() + 30  # the task is stopped within seconds; then more passes
+        while time.monotonic() < deadline:
+            seen.append(run_state())
+            time.sleep(1)
+        assert set(seen) == {"failed"}, seen
+        states = {t["state"] for t in _task_instances(api, run_id)}
+        assert "running" not in states, states
