@@ -375,7 +375,7 @@ def _run(args: argparse.Namespace) -> int:
     if selection.plan_errors:
         print(
             f"facecaption: not all chosen work was done: {len(selection.plan_errors)} source"
-            f" file(s) could not be planned: {redact_text(', '.join(selection.plan_errors))}",
+            f" file(s) could not be planned: {', '.join(selection.plan_errors)}",
             file=sys.stderr,
         )
     if selection.plan_errors or any(shard_run.error for shard_run in last.values()):

@@ -69,6 +69,7 @@ from support.sampledata import routes_for, sample_rows  # noqa: E402
 from support.samplesite import SampleSite  # noqa: E402
 from support.statistics_model import build_statistics_model  # noqa: E402
 
+from facecaption.models.loaded import LOADED_MODELS  # noqa: E402
 from facecaption.settings import Settings  # noqa: E402
 from facecaption.state.db import sqlalchemy_url, upgrade  # noqa: E402
 
@@ -109,6 +110,15 @@ def _reachable(url: str) -> bool:
         return False
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def no_loaded_models() -> Iterator[None]:
+    """Each test starts with no model held by the process (`facecaption run` keeps one per
+    kind across shards): a test never reuses another's model, and none stays in memory."""
+    LOADED_MODELS.clear()
+    yield
+    LOADED_MODELS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -211,3 +211,33 @@ def test_a_failed_stage_keeps_its_error_without_the_credentials_it_quotes(
             assert "fc:***@" in status and "fc:***@" in page
             assert URL_PASSWORD not in status and URL_PASSWORD not in page
             assert pipeline.state.get_stage(other, "fetch") == untouched
+
+
+def test_errors_stored_before_masking_and_plan_errors_show_no_credentials(settings, sample):
+    """A stage row and its history written with a password in the error (as before errors
+    were masked when written) read back masked; a source that cannot be planned is named
+    with its userinfo masked (the CLI prints it, the plan task logs it and pushes it)."""
+    with Pipeline.open(settings) as pipeline:
+        secret = f"could not read http://fc:{URL_PASSWORD}@127.0.0.1:9/a.parquet"
+        with pipeline.state.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO sources (source_id, uri, name, size_bytes,"
+                                 " num_rows, shard_size, columns) VALUES ('s', 'u', 'n', 1, 1,"
+                                 " 1, '{}')"))  # fmt: skip
+            conn.execute(sa.text("INSERT INTO shards (shard_id, source_id, shard_index,"
+                                 " row_start, row_end) VALUES ('s_0', 's', 0, 0, 1)"))  # fmt: skip
+            conn.execute(
+                sa.text("INSERT INTO shard_stages (shard_id, stage, status, attempt, last_error)"
+                        " VALUES ('s_0', 'fetch', 'failed', 1, :e)"), {"e": secret},
+            )  # fmt: skip
+            conn.execute(
+                sa.text("INSERT INTO stage_events (shard_id, stage, attempt, event, error)"
+                        " VALUES ('s_0', 'fetch', 1, 'failed', :e)"), {"e": secret},
+            )  # fmt: skip
+        shown = [pipeline.state.get_stage("s_0", "fetch").last_error]
+        shown += [event["error"] for event in pipeline.state.events("s_0")]
+        assert all("fc:***@" in text and URL_PASSWORD not in text for text in shown), shown
+
+        missing = f"http://fc:{URL_PASSWORD}@127.0.0.1:9/missing.parquet"
+        errors = pipeline.plan([missing]).errors
+    assert list(errors) == ["http://fc:***@127.0.0.1:9/missing.parquet"]
+    assert URL_PASSWORD not in json.dumps(errors)

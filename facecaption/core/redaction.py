@@ -2,7 +2,9 @@
 
 `redact_userinfo` masks the userinfo of every URL in a text (`user:***@` when there is a
 password, `***@` when the user part alone may be a token) and changes nothing else, so a URL
-without userinfo stays the same link; `redact_text` does the same for every URL inside free text
+without userinfo stays the same link (it errs on the safe side: up to the last `@` before a
+`/`, `?`, `#` or space counts as userinfo, so `http://a.example,mailto:x@y.example` reads as
+one URL with userinfo and is masked); `redact_text` does the same for every URL inside free text
 (error messages), and masks the values of credential headers and fields quoted in it
 (`Authorization: Bearer ...`, `api_key=...`, `password=...`, a bare `Bearer` token);
 `redacted_settings` is the settings as `facecaption config` prints them.

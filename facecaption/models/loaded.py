@@ -37,6 +37,10 @@ class LoadedModels:
         self._held[kind] = (key, model)
         return model
 
+    def clear(self) -> None:
+        """Let go of every model held (tests start each from none)."""
+        self._held.clear()
+
 
 # The process's models: a stage asks here, not the backends' loaders directly.
 LOADED_MODELS = LoadedModels()

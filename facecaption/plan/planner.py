@@ -37,6 +37,8 @@ class PlannedSource:
 @dataclass
 class PlanReport:
     sources: list[PlannedSource] = field(default_factory=list)
+    # source -> why it could not be planned; both with credentials masked (they are printed,
+    # logged and pushed to XCom)
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -66,13 +68,13 @@ def plan_sources(uris: list[str], settings: Settings, state: ShardState) -> Plan
         try:
             files = expand_source_uris([argument])
         except SourceError as error:
-            report.errors[argument] = redact_text(str(error))
+            report.errors[redact_text(argument)] = redact_text(str(error))
             continue
         for uri in files:
             try:
                 report.sources.append(_plan_one(uri, settings, state))
             except SourceError as error:
-                report.errors[uri] = redact_text(str(error))
+                report.errors[redact_text(uri)] = redact_text(str(error))
     return report
 
 

@@ -179,22 +179,23 @@ def export_shards(pipeline: Pipeline) -> tuple[dict[str, dict[str, Any]], dict[s
     stage rows and takedown matches read in a few queries (`Fingerprints.prefetch`) and a
     size check of its files: a publish over thousands of unchanged shards runs the stage
     (a lock and several queries each) only where there is something to export."""
-    with collector_paused():  # what it reads is gone before the collector runs again
+    with collector_paused():  # the rows make no cycles; they are gone before it runs
         fingerprints = Fingerprints.prefetch(
             pipeline.settings, pipeline.state, stage_registry(), None, epochs=False
         )
         shards = pipeline.state.list_shards()
-        checked = {}  # shard id -> the fingerprint of its export, found up to date
-        for shard in shards:
-            fingerprint = _current_export(pipeline, fingerprints, shard)
-            if fingerprint:
-                checked[shard.shard_id] = fingerprint
-        found = {
-            state.shard_id: _export_entry(state)
-            for state in pipeline.state.stage_table(list(checked), stages=["export"])
-            # read again in full (the prefetch keeps no counts); one changed since runs below
-            if state.status == "done" and state.fingerprint == checked[state.shard_id]
-        }
+    # not paused: the size checks may go through an object store's client
+    checked = {}  # shard id -> the fingerprint of its export, found up to date
+    for shard in shards:
+        fingerprint = _current_export(pipeline, fingerprints, shard)
+        if fingerprint:
+            checked[shard.shard_id] = fingerprint
+    found = {
+        state.shard_id: _export_entry(state)
+        for state in pipeline.state.stage_table(list(checked), stages=["export"])
+        # read again in full (the prefetch keeps no counts); one changed since runs below
+        if state.status == "done" and state.fingerprint == checked[state.shard_id]
+    }
     excluded: dict[str, str] = {}
     for shard in shards:
         if shard.shard_id not in found:

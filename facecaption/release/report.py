@@ -111,8 +111,9 @@ def collect(pipeline: Pipeline, max_crops: int | None = None) -> dict[str, Any]:
         if name not in {"rows", "bytes", "fetched", "reused", "retryable", *HOST_COUNTS}
     }
     gallery_faces = pipeline.settings.export.report_gallery_faces
-    with collector_paused():  # the shards' statistics are gone before it runs again
-        merged = merge_stats(export_stats(pipeline).values(), max_crops, gallery_faces)
+    stats = export_stats(pipeline)  # may rebuild a shard's from its artifacts: not paused
+    with collector_paused():  # merging makes no cycles; the statistics go before it runs
+        merged = merge_stats(stats.values(), max_crops, gallery_faces)
     quality = merged["quality_scores"]
     categories = {
         category: sum(merged["attributes"][name] for name in names)

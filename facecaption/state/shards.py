@@ -827,13 +827,17 @@ class ShardState:
         )
 
     def events(self, shard_id: str, stage: str | None = None) -> list[dict[str, Any]]:
-        """The attempt history of a shard's stage (or of all its stages), oldest first."""
+        """The attempt history of a shard's stage (or of all its stages), oldest first; errors
+        with credentials masked (rows written before errors were masked when written)."""
         query = "SELECT * FROM stage_events WHERE shard_id = :s"
         if stage is not None:
             query += " AND stage = :t"
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(query + " ORDER BY event_id"), {"s": shard_id, "t": stage})
-            return [dict(row) for row in rows.mappings()]
+            return [
+                {**row, "error": redact_text(row["error"]) if row["error"] else row["error"]}
+                for row in rows.mappings()
+            ]
 
 
 def confirm_attempt(conn: Connection, shard_id: str, stage: str, attempt: int) -> None:

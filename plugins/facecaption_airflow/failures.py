@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from facecaption.core.errors import is_permanent
-from facecaption.core.redaction import redact_text
 
 CHECK_TASK_ID = "check"
 STAGE_GROUP = "process_shard"  # the task group `tasks.process_shards` maps over shards
@@ -69,9 +68,7 @@ def run_failures(
     the plan's errors; empty when nothing did. A shard's stage names its shard id. Stages
     that did not run because an earlier one failed are only listed when nothing failed
     (someone marked a task failed and then cleared it, say)."""
-    failures = [
-        f"could not plan {redact_text(uri)}: {error}" for uri, error in (plan_errors or {}).items()
-    ]
+    failures = [f"could not plan {uri}: {error}" for uri, error in (plan_errors or {}).items()]
     if shard_ids is None and task_states.get(plan_task_id) == FAILED:
         failures.append(f"{plan_task_id} failed, so no shard ran (its log says why)")
     by_state: dict[str, list[str]] = {FAILED: [], UPSTREAM_FAILED: []}
