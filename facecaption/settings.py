@@ -319,6 +319,17 @@ class RefreshSettings(BaseModel):
     )
 
 
+class AirflowSettings(BaseModel):
+    """How the DAGs lay out a shard's tasks; read when the DAG files are parsed."""
+
+    gpu_stages_in_one_task: bool = Field(
+        False,
+        description="run a shard's GPU stages (detect, attribute, and caption with an"
+        " in-process LLM) in one `gpu` task: one process start, DAG parse and gpu slot per"
+        " shard instead of one per stage",
+    )
+
+
 class ExportSettings(BaseModel):
     """The release: links-only parquet (FaceCaption columns + ours) and, on request, training
     shards of aligned crops."""
@@ -403,6 +414,7 @@ class Settings(BaseSettings):
     caption: CaptionSettings = CaptionSettings()
     refresh: RefreshSettings = RefreshSettings()
     export: ExportSettings = ExportSettings()
+    airflow: AirflowSettings = AirflowSettings()
     models_dir: Path | None = Field(
         None, description="model cache (`facecaption models pull`); unset: {home}/models"
     )

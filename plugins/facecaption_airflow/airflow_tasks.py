@@ -5,7 +5,9 @@ Airflow's UI.
 The shard view is part of the api-server (a plugin app), so it reads task instances the way
 Airflow's own UI routes do, through the api-server's metadata session, in one query per page;
 tasks never do (Airflow 3 forbids it). A stage's task instance is found by its rendered map
-index: the per-shard task group names each mapped instance by its shard id."""
+index: the per-shard task group names each mapped instance by its shard id. A run with a
+shard's GPU stages in one task (`GPU_TASK`) has that task for each of them, unless the run
+has a task of the stage's own (caption from a model server)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from airflow.models.taskinstance import TaskInstance
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from facecaption_airflow.failures import STAGE_GROUP
+from facecaption_airflow.failures import GPU_TASK, GPU_TASK_STAGES, STAGE_GROUP
 
 # Task instance states that mean the stage's task did not get through, whatever the state DB
 # says (a failure raised before the stage could record anything, e.g. the state DB away).
@@ -77,8 +79,18 @@ def latest_stage_tasks(
     ).all()  # fmt: skip
     latest: dict[tuple[str, str], StageTask] = {}
     for row in rows:  # oldest first: a later run replaces an earlier one
-        stage = row.task_id.removeprefix(f"{STAGE_GROUP}.")
-        latest[(row.rendered_map_index, stage)] = StageTask(
+        name = row.task_id.removeprefix(f"{STAGE_GROUP}.")
+        task = StageTask(
             row.dag_id, row.run_id, row.task_id, row.map_index, row.try_number, row.state
         )
+        for stage in GPU_TASK_STAGES if name == GPU_TASK else (name,):
+            key = (row.rendered_map_index, stage)
+            earlier = latest.get(key)
+            own_task_in_this_run = (
+                earlier is not None
+                and (earlier.dag_id, earlier.run_id) == (row.dag_id, row.run_id)
+                and earlier.task_id != row.task_id
+            )
+            if name != GPU_TASK or not own_task_in_this_run:
+                latest[key] = task
     return latest

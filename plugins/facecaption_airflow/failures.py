@@ -21,6 +21,10 @@ from facecaption.core.errors import is_permanent
 
 CHECK_TASK_ID = "check"
 STAGE_GROUP = "process_shard"  # the task group `tasks.process_shards` maps over shards
+# With `airflow.gpu_stages_in_one_task`, the group's task that runs a shard's GPU stages in
+# order: detect and attribute, and caption unless caption has a task of its own in the run.
+GPU_TASK = "gpu"
+GPU_TASK_STAGES = ("detect", "attribute", "caption")
 FAILED = "failed"
 UPSTREAM_FAILED = "upstream_failed"
 # get_task_states names a mapped task instance "{task_id}_{map_index}"
@@ -62,19 +66,21 @@ def run_failures(
     plan_task_id: str,
     shard_group_id: str,
     plan_errors: Mapping[str, str] | None = None,
+    task_stages: Mapping[str, tuple[str, ...]] | None = None,
 ) -> list[str]:
     """What went wrong in a run, one line each, from its task states (as
     `get_task_states` gives them: task id, or `{task_id}_{map_index}` for a mapped one) and
     the plan's errors; empty when nothing did. A shard's stage names its shard id. Stages
     that did not run because an earlier one failed are only listed when nothing failed
-    (someone marked a task failed and then cleared it, say)."""
+    (someone marked a task failed and then cleared it, say). `task_stages` names the stages
+    of a group task that runs more than one (`GPU_TASK`)."""
     failures = [f"could not plan {uri}: {error}" for uri, error in (plan_errors or {}).items()]
     if shard_ids is None and task_states.get(plan_task_id) == FAILED:
         failures.append(f"{plan_task_id} failed, so no shard ran (its log says why)")
     by_state: dict[str, list[str]] = {FAILED: [], UPSTREAM_FAILED: []}
     for key, state in sorted(task_states.items(), key=lambda item: _order(item[0])):
         if state in by_state and key not in (plan_task_id, CHECK_TASK_ID):
-            by_state[state].append(_describe(key, shard_ids, shard_group_id))
+            by_state[state].append(_describe(key, shard_ids, shard_group_id, task_stages or {}))
     failures += [f"{what} failed" for what in by_state[FAILED]]
     if not by_state[FAILED] and shard_ids is not None:
         failures += [f"{what} did not run: upstream failed" for what in by_state[UPSTREAM_FAILED]]
@@ -86,12 +92,20 @@ def _order(key: str) -> tuple[str, int]:
     return (mapped["task_id"], int(mapped["map_index"])) if mapped else (key, -1)
 
 
-def _describe(key: str, shard_ids: list[str] | None, shard_group_id: str) -> str:
-    """`detect of shard <id>` for a mapped stage instance; the task id for anything else."""
+def _describe(
+    key: str,
+    shard_ids: list[str] | None,
+    shard_group_id: str,
+    task_stages: Mapping[str, tuple[str, ...]],
+) -> str:
+    """`detect of shard <id>` for a mapped stage instance (`gpu (detect, attribute) of shard
+    <id>` for one that runs several); the task id for anything else."""
     mapped = _MAPPED_KEY.match(key)
     if not mapped or not mapped["task_id"].startswith(f"{shard_group_id}."):
         return key
     stage = mapped["task_id"].removeprefix(f"{shard_group_id}.")
     index = int(mapped["map_index"])
     shard = shard_ids[index] if shard_ids and index < len(shard_ids) else f"#{index}"
+    if stage in task_stages:
+        stage = f"{stage} ({', '.join(task_stages[stage])})"
     return f"{stage} of shard {shard}"

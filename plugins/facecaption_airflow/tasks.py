@@ -1,5 +1,6 @@
 """The per-shard part every facecaption DAG shares: one mapped task group per shard
-(fetch -> detect -> attribute -> caption -> export), a summary, the release (files,
+(fetch -> detect -> attribute -> caption -> export; with `airflow.gpu_stages_in_one_task`,
+fetch -> gpu -> [caption] -> export), a summary, the release (files,
 manifest, report), and the check that fails the run when a shard or the plan failed
 (see `failures`). DAG files supply the shard ids."""
 
@@ -9,12 +10,14 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, task, task_group
+from airflow.sdk import Param, chain, task, task_group
 
 from facecaption.settings import Settings
 from facecaption_airflow.chunks import NextChunkOperator, take_chunk
 from facecaption_airflow.failures import (
     CHECK_TASK_ID,
+    GPU_TASK,
+    GPU_TASK_STAGES,
     STAGE_GROUP,
     fail_at_once_if_permanent,
     run_failures,
@@ -70,12 +73,22 @@ def process_shards(
     task producing `shard_ids`. `publish` (a template in build runs) turns the release step
     off."""
 
+    # An in-process LLM needs a GPU; a model server (backend "openai") or the grammar alone
+    # ("template") needs only a worker, and holds no `gpu` slot.
+    settings = Settings()
+    caption_on_gpu = settings.caption.backend == "transformers"
+    gpu_stages = GPU_TASK_STAGES if caption_on_gpu else GPU_TASK_STAGES[:-1]
+    # Opt-in: the GPU stages in one task pay one process start, DAG parse and slot per shard.
+    task_stages = {GPU_TASK: gpu_stages} if settings.airflow.gpu_stages_in_one_task else {}
+
     @task_group(group_id=STAGE_GROUP)
     def process_shard(shard_id: str) -> None:
-        def stage(operator: type[ShardStageOperator], name: str) -> ShardStageOperator:
+        def stage(
+            operator: type[ShardStageOperator], name: str, runs: tuple[str, ...] = ()
+        ) -> ShardStageOperator:
             return operator(
                 task_id=name,
-                stage=name,
+                stages=runs or (name,),
                 shard_id=shard_id,
                 force=force,
                 selected_stages=stages,
@@ -83,20 +96,21 @@ def process_shards(
                 map_index_template=SHARD_LABEL,
             )
 
-        # An in-process LLM needs a GPU; a model server (backend "openai") or the grammar alone
-        # ("template") needs only a worker, and holds no `gpu` slot.
-        caption_operator = (
-            GpuShardStageOperator
-            if Settings().caption.backend == "transformers"
-            else ShardStageOperator
-        )
-        (
-            stage(ShardStageOperator, "fetch")
-            >> stage(GpuShardStageOperator, "detect")
-            >> stage(GpuShardStageOperator, "attribute")
-            >> stage(caption_operator, "caption")
-            >> stage(ShardStageOperator, "export")
-        )
+        if task_stages:
+            tasks = [stage(ShardStageOperator, "fetch"),
+                     stage(GpuShardStageOperator, GPU_TASK, gpu_stages)]  # fmt: skip
+            if not caption_on_gpu:
+                tasks.append(stage(ShardStageOperator, "caption"))
+        else:
+            caption_operator = GpuShardStageOperator if caption_on_gpu else ShardStageOperator
+            tasks = [
+                stage(ShardStageOperator, "fetch"),
+                stage(GpuShardStageOperator, "detect"),
+                stage(GpuShardStageOperator, "attribute"),
+                stage(caption_operator, "caption"),
+            ]
+        tasks.append(stage(ShardStageOperator, "export"))
+        chain(*tasks)
 
     @task(trigger_rule="all_done")
     @fail_at_once_if_permanent()
@@ -112,7 +126,7 @@ def process_shards(
 
     groups = process_shard.expand(shard_id=shard_ids)
     finals = [summary(shard_ids), release_task(publish, shard_ids)]
-    check = check_task(shard_ids, shard_group_id=STAGE_GROUP)
+    check = check_task(shard_ids, shard_group_id=STAGE_GROUP, task_stages=task_stages)
     # The next chunk is asked for whatever happened here; the check stays the run's only
     # leaf, so the run's colour is its verdict.
     next_chunk = NextChunkOperator(plan_task_id=shard_ids.operator.task_id)
@@ -131,7 +145,9 @@ def skip_unless_planned(shard_ids: list[str] | None) -> None:
         raise AirflowSkipException("the plan did not finish: no shard ran in this run")
 
 
-def check_task(shard_ids: Any, shard_group_id: str) -> Any:
+def check_task(
+    shard_ids: Any, shard_group_id: str, task_stages: dict[str, tuple[str, ...]] | None = None
+) -> Any:
     """The run's last task: when everything else is done, fail the run (at once: its verdict
     is AirflowFailException) if a shard's stage failed, the plan failed or a source file
     could not be planned; the message names each failure (the stage and shard id)."""
@@ -149,6 +165,7 @@ def check_task(shard_ids: Any, shard_group_id: str) -> Any:
             plan_task_id=plan_task_id,
             shard_group_id=shard_group_id,
             plan_errors=ti.xcom_pull(task_ids=plan_task_id, key=PLAN_ERRORS_XCOM),
+            task_stages=task_stages,
         )
         if failures:
             raise AirflowFailException(
