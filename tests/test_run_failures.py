@@ -42,7 +42,10 @@ def test_every_shard_dag_ends_with_the_check_after_the_shards_summary_and_releas
     for dag_id in ("facecaption_build", "facecaption_refresh"):
         dag = dagbag.get_dag(dag_id)
         check = dag.get_task("check")
-        assert check.trigger_rule == "all_done"
+        # a teardown (runs when all else is done) whose failure fails the run: marking the
+        # run failed leaves it to run (tests/test_airflow_live.py)
+        assert check.trigger_rule == "all_done_setup_success"  # no setups: all done
+        assert check.is_teardown and check.on_failure_fail_dagrun
         assert {t.task_id for t in check.upstream_list} >= {f"{GROUP}.export", "next_chunk"}
         next_chunk = dag.get_task("next_chunk")
         assert {t.task_id for t in next_chunk.upstream_list} >= {"summary", "release"}

@@ -173,7 +173,12 @@ def check_task(
             )
         print(f"every stage of the {len(shard_ids or [])} shard(s) in this run finished")
 
-    return check(shard_ids)
+    # A teardown whose failure fails the run: marking the run failed (UI, REST) skips every
+    # task not yet finished but leaves a teardown to run, and leaves the run's state to it.
+    # As an ordinary leaf it was skipped, and a scheduler pass that was already looking at
+    # the run read "every leaf done, none failed" and wrote success over the operator's
+    # failed. The check then fails the run for the instance the mark stopped.
+    return check(shard_ids).as_teardown(on_failure_fail_dagrun=True)
 
 
 def release_task(publish: str | bool, shard_ids: Any) -> Any:
