@@ -115,6 +115,19 @@ def test_run_failures_name_the_stage_and_shard_of_each_failure() -> None:
     assert failures_of({key: "success" for key in states} | {"check": "running"}, ["a"]) == []
     refused = {"plan": "failed", f"{GROUP}.fetch": "upstream_failed", "summary": "skipped"}
     assert failures_of(refused, None) == ["plan failed, so no shard ran (its log says why)"]
+    # marked failed while b's fetch ran: it was stopped (failed), b's detect and a's fetch skipped
+    stopped = {
+        "plan": "success", f"{GROUP}.fetch_0": "skipped", f"{GROUP}.fetch_1": "failed",
+        f"{GROUP}.detect_1": "skipped", "summary": "skipped", "release": "skipped",
+    }  # fmt: skip
+    assert failures_of(stopped, ["a", "b"]) == [
+        "fetch of shard b failed",
+        "detect of shard b was skipped: the run was stopped",
+        "fetch of shard a was skipped: the run was stopped",
+    ]
+    # an empty selection: the mapped stages are skipped (not expanded), nothing failed
+    empty = {"plan": "success", f"{GROUP}.fetch": "skipped", "summary": "success"}
+    assert failures_of(empty, []) == []
     eleven = [str(i) for i in range(11)]
     states = {f"{GROUP}.export_10": "upstream_failed", "release": "failed"}
     assert failures_of(states, eleven) == ["release failed"]

@@ -27,6 +27,7 @@ GPU_TASK = "gpu"
 GPU_TASK_STAGES = ("detect", "attribute", "caption")
 FAILED = "failed"
 UPSTREAM_FAILED = "upstream_failed"
+SKIPPED = "skipped"
 # get_task_states names a mapped task instance "{task_id}_{map_index}"
 _MAPPED_KEY = re.compile(r"^(?P<task_id>.+)_(?P<map_index>\d+)$")
 
@@ -72,19 +73,29 @@ def run_failures(
     `get_task_states` gives them: task id, or `{task_id}_{map_index}` for a mapped one) and
     the plan's errors; empty when nothing did. A shard's stage names its shard id. Stages
     that did not run because an earlier one failed are only listed when nothing failed
-    (someone marked a task failed and then cleared it, say). `task_stages` names the stages
-    of a group task that runs more than one (`GPU_TASK`)."""
+    (someone marked a task failed and then cleared it, say). A shard's stage is never
+    skipped by our tasks, so one that was skipped means the run was stopped before it ran
+    (marked failed: the check is then the only task left to run). `task_stages` names the
+    stages of a group task that runs more than one (`GPU_TASK`)."""
     failures = [f"could not plan {uri}: {error}" for uri, error in (plan_errors or {}).items()]
     if shard_ids is None and task_states.get(plan_task_id) == FAILED:
         failures.append(f"{plan_task_id} failed, so no shard ran (its log says why)")
-    by_state: dict[str, list[str]] = {FAILED: [], UPSTREAM_FAILED: []}
+    by_state: dict[str, list[str]] = {FAILED: [], UPSTREAM_FAILED: [], SKIPPED: []}
     for key, state in sorted(task_states.items(), key=lambda item: _order(item[0])):
+        if state == SKIPPED and not _is_shard_instance(key, shard_group_id):
+            continue  # a release after a failed plan, the stages of an empty selection
         if state in by_state and key not in (plan_task_id, CHECK_TASK_ID):
             by_state[state].append(_describe(key, shard_ids, shard_group_id, task_stages or {}))
     failures += [f"{what} failed" for what in by_state[FAILED]]
+    failures += [f"{what} was skipped: the run was stopped" for what in by_state[SKIPPED]]
     if not by_state[FAILED] and shard_ids is not None:
         failures += [f"{what} did not run: upstream failed" for what in by_state[UPSTREAM_FAILED]]
     return failures
+
+
+def _is_shard_instance(key: str, shard_group_id: str) -> bool:
+    mapped = _MAPPED_KEY.match(key)
+    return bool(mapped) and mapped["task_id"].startswith(f"{shard_group_id}.")
 
 
 def _order(key: str) -> tuple[str, int]:
