@@ -20,7 +20,7 @@ from conftest import REPO
 from support.chatserver import ChatServer, Fault
 from support.processes import settings_environment
 from test_caption import attributed_shard_notes
-from test_fetch_retry_budget import time_passes
+from test_fetch_retry_budget import mapped_shards, time_passes
 
 from facecaption.core.pipeline import Pipeline, run_shards
 from facecaption.core.status import format_status, status_json
@@ -233,15 +233,6 @@ def refresh_dag(airflow_db):
     return bag.get_dag("facecaption_refresh")
 
 
-def mapped_shards(run) -> list[str]:
-    """The shards a DAG run mapped its caption task over."""
-    return [
-        ti.rendered_map_index
-        for ti in run.get_task_instances()
-        if ti.task_id == "process_shard.caption" and ti.map_index >= 0
-    ]
-
-
 @pytest.mark.slow
 def test_the_refresh_dag_maps_no_shard_while_a_face_is_pausing(
     shard, server, refresh_dag, monkeypatch
@@ -257,13 +248,13 @@ def test_the_refresh_dag_maps_no_shard_while_a_face_is_pausing(
         monkeypatch.setenv(name, value)
 
     idle = refresh_dag.test()
-    assert idle.state == "success" and mapped_shards(idle) == []
+    assert idle.state == "success" and mapped_shards(idle, "caption") == []
 
     server.down = set()
     with Pipeline.open(settings) as pipeline:
         time_passes(pipeline, shard_id, timedelta(seconds=PAUSE_S + 60))
     due = refresh_dag.test()
-    assert due.state == "success" and mapped_shards(due) == [shard_id]
+    assert due.state == "success" and mapped_shards(due, "caption") == [shard_id]
     with Pipeline.open(settings) as pipeline:
         caption = pipeline.state.get_stage(shard_id, "caption")
         assert (caption.attempt, caption.counts["asked"], caption.counts["retryable"]) == (2, 1, 0)

@@ -241,12 +241,12 @@ def test_settings_bound_the_budget():
         Settings(fetch={"row_retry_pause_s": -1})
 
 
-def mapped_shards(run) -> list[str]:
-    """The shards a DAG run mapped its fetch task over."""
+def mapped_shards(run, stage: str = "fetch") -> list[str]:
+    """The shards a DAG run mapped a stage's task over."""
     return [
         ti.rendered_map_index
         for ti in run.get_task_instances()
-        if ti.task_id == "process_shard.fetch" and ti.map_index >= 0
+        if ti.task_id == f"process_shard.{stage}" and ti.map_index >= 0
     ]
 
 
